@@ -1,0 +1,532 @@
+"""The WebSocket wire format: codes, limits, client commands, frame parsing and server frame encoding.
+
+No state and no I/O: :class:`broker.protocol.Session` calls :func:`decode` and :func:`parse` on
+every client frame and the ``*_frame`` encoders for everything it sends. ``docs/protocol.md``
+documents every frame and code defined here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+# Same rule as HTTP queue names (issue 2); channels follow it too.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+MAX_PRIORITY = 9
+MAX_ATTEMPTS = 1_000_000
+# Delays and ttls beyond ~31 years are surely mistakes, and unbounded floats would overflow the
+# Redis scores that hold run times.
+MAX_SECONDS = 1e9
+
+
+class ErrorCode(StrEnum):
+    """The ``code`` of an ``error`` frame. Every member is documented in docs/protocol.md."""
+
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_OP = "unknown_op"
+    BAD_FIELD = "bad_field"
+    BAD_QUEUE = "bad_queue"
+    UNKNOWN_JOB = "unknown_job"
+    STALE_TOKEN = "stale_token"
+    TOO_LARGE = "too_large"
+    TOO_MANY = "too_many"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_SUBSCRIBED = "not_subscribed"
+    ALREADY_SUBSCRIBED = "already_subscribed"
+    JOB_EXISTS = "job_exists"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the broker uses (RFC 6455 section 7.4)."""
+
+    GOING_AWAY = 1001  # graceful shutdown
+    POLICY_VIOLATION = 1008  # abuse: too many consecutive protocol errors
+    MESSAGE_TOO_BIG = 1009  # a frame over max_frame
+    TRY_AGAIN_LATER = 1013  # connection limit reached
+
+
+class AckMode(StrEnum):
+    MANUAL = "manual"
+    AUTO = "auto"
+
+
+class Topic(StrEnum):
+    STATS = "stats"
+    EVENTS = "events"
+
+
+class Role(StrEnum):
+    """What an authorization hook is asked about, for one queue or channel name."""
+
+    PRODUCE = "produce"
+    CONSUME = "consume"
+    ADMIN = "admin"
+
+
+class JobEvent(StrEnum):
+    """Kinds of job lifecycle events sent to ``events`` watchers."""
+
+    PUSHED = "pushed"
+    DELIVERED = "delivered"
+    ACKED = "acked"
+    NACKED = "nacked"
+    DEAD = "dead"
+    PROGRESS = "progress"
+
+
+class FrameError(Exception):
+    """A client frame the session refuses; becomes an ``error`` frame, never leaves the session."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Per-connection limits; the I/O layer maps the broker settings onto this.
+
+    Attributes:
+        max_frame: largest client frame in bytes; beyond it the connection closes with 1009.
+        max_subscriptions: queues one connection may subscribe to.
+        max_channels: channels one connection may listen to.
+        max_watches: stats/events feeds one connection may watch.
+        max_prefetch: largest ``prefetch`` a subscribe may ask for.
+        default_prefetch: ``prefetch`` when the subscribe frame has none.
+        default_lease: ``lease`` (seconds) when the subscribe frame has none.
+        max_lease: largest ``lease`` a subscribe or touch may ask for.
+        max_batch: most jobs in one ``push`` with ``jobs``.
+        send_buffer: outbound bytes beyond which deliveries pause and ephemeral frames are dropped.
+        max_errors: consecutive protocol errors tolerated; one more closes with 1008.
+    """
+
+    max_frame: int = 1_048_576
+    max_subscriptions: int = 100
+    max_channels: int = 100
+    max_watches: int = 100
+    max_prefetch: int = 1000
+    default_prefetch: int = 10
+    default_lease: int = 30
+    max_lease: int = 86_400
+    max_batch: int = 1000
+    send_buffer: int = 262_144
+    max_errors: int = 100
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_prefetch <= self.max_prefetch:
+            raise ValueError("default_prefetch must be between 1 and max_prefetch")
+        if not 1 <= self.default_lease <= self.max_lease:
+            raise ValueError("default_lease must be between 1 and max_lease")
+        for name in ("max_frame", "max_subscriptions", "max_channels", "max_watches", "max_batch", "send_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_errors < 0:
+            raise ValueError("max_errors must be at least 0")
+
+
+class Lease(NamedTuple):
+    """A job held unacked by a connection: what the I/O layer hands back to the queue."""
+
+    queue: str
+    id: str
+    token: str
+
+
+# Commands: one frozen dataclass per client op, in the order the frames arrived. ``ref`` is the
+# client's correlation string, echoed in the reply; job payloads are compact JSON bytes.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscribe:
+    ref: str | None = None
+    queue: str
+    prefetch: int
+    ack_mode: AckMode
+    lease: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unsubscribe:
+    """``release``: the jobs this connection held on the queue, to return to it at once."""
+
+    ref: str | None = None
+    queue: str
+    release: tuple[Lease, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    ref: str | None = None
+    queue: str
+    id: str
+    token: str
+    result_json: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Nack:
+    ref: str | None = None
+    queue: str
+    id: str
+    token: str
+    delay: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Touch:
+    """``lease``: new lease length in seconds; None keeps the one the job was delivered with."""
+
+    ref: str | None = None
+    queue: str
+    id: str
+    token: str
+    lease: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Progress:
+    ref: str | None = None
+    queue: str
+    id: str
+    token: str
+    data_json: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Push:
+    """Optional fields are None when the frame leaves them out: the queue service's defaults apply."""
+
+    ref: str | None = None
+    queue: str
+    body_json: bytes
+    priority: int | None = None
+    delay: float | None = None
+    uniq: str | None = None
+    ttl: float | None = None
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PushBatch:
+    ref: str | None = None
+    queue: str
+    bodies: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publish:
+    ref: str | None = None
+    channel: str
+    data_json: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    ref: str | None = None
+    channel: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unlisten:
+    ref: str | None = None
+    channel: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Watch:
+    """``queue`` None: the broker-wide feed of that topic."""
+
+    ref: str | None = None
+    topic: Topic
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unwatch:
+    ref: str | None = None
+    topic: Topic
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Auth:
+    ref: str | None = None
+    token: str
+
+
+Command = (
+    Subscribe
+    | Unsubscribe
+    | Ack
+    | Nack
+    | Touch
+    | Progress
+    | Push
+    | PushBatch
+    | Publish
+    | Listen
+    | Unlisten
+    | Watch
+    | Unwatch
+    | Auth
+)
+JobCommand = Ack | Nack | Touch | Progress
+
+OPS = frozenset("subscribe unsubscribe ack nack touch progress push publish listen unlisten watch unwatch auth".split())
+
+# Finds which queue holds job ``id`` on this connection, or raises FrameError
+# (unknown_job / stale_token): ack-like frames carry no queue.
+Locate = Callable[[str, str], str]
+
+
+# --- decoding client frames ---------------------------------------------------------------------
+
+
+def decode(data: str | bytes) -> dict[str, Any]:
+    """Decode one text frame into its JSON object.
+
+    Raises:
+        FrameError: ``bad_frame`` for a binary frame or a non-object, ``bad_json`` for bad JSON.
+    """
+    if not isinstance(data, str):
+        raise FrameError(ErrorCode.BAD_FRAME, "binary frames are not supported: send JSON in a text frame")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FrameError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
+    return obj
+
+
+def read_ref(obj: Mapping[str, Any]) -> str | None:
+    ref = obj.get("ref")
+    if ref is None or isinstance(ref, str):
+        return ref
+    raise FrameError(ErrorCode.BAD_FIELD, "ref must be a string")
+
+
+def read_op(obj: Mapping[str, Any]) -> str:
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise FrameError(ErrorCode.BAD_FIELD, "op is required and must be a string")
+    if op not in OPS:
+        raise FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}")
+    return op
+
+
+def parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimits, locate: Locate) -> Command:
+    """Validate the fields of a frame whose ``op`` :func:`read_op` accepted and build its command.
+
+    Unknown fields are ignored, so that newer clients can talk to older brokers.
+
+    Raises:
+        FrameError: the first field that is missing, mistyped or out of range.
+    """
+    return _parse(op, obj, ref, limits, locate)
+
+
+def valid_name(name: object) -> bool:
+    """Whether ``name`` is a valid queue or channel name."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
+
+
+def _name(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        raise FrameError(ErrorCode.BAD_FIELD, f"{key} is required")
+    if not valid_name(value):
+        raise FrameError(
+            ErrorCode.BAD_QUEUE,
+            f"invalid {key} name {str(value)[:140]!r}: 1-128 characters of A-Z a-z 0-9 _ . : -, "
+            "starting with a letter or digit",
+        )
+    return str(value)
+
+
+def _str(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise FrameError(ErrorCode.BAD_FIELD, f"{key} is required and must be a non-empty string")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise FrameError(ErrorCode.BAD_FIELD, f"{key} must be a string")
+
+
+def _int(obj: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    # bool is an int subclass; "prefetch": true is a client bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise FrameError(ErrorCode.BAD_FIELD, f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _seconds(obj: Mapping[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_SECONDS:
+        raise FrameError(ErrorCode.BAD_FIELD, f"{key} must be a number of seconds from 0 to {MAX_SECONDS:.0e}")
+    return float(value)
+
+
+def _json(obj: Mapping[str, Any], key: str) -> bytes:
+    # Presence, not truthiness: null is a valid body or payload.
+    if key not in obj:
+        raise FrameError(ErrorCode.BAD_FIELD, f"{key} is required")
+    return orjson.dumps(obj[key])
+
+
+def _job(obj: Mapping[str, Any], locate: Locate) -> tuple[str, str, str]:
+    job_id = _str(obj, "id")
+    token = _str(obj, "token")
+    return locate(job_id, token), job_id, token
+
+
+_SINGLE_ONLY = ("priority", "delay", "uniq", "ttl", "max_attempts")
+
+
+def _parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimits, locate: Locate) -> Command:
+    match op:
+        case "subscribe":
+            prefetch = _int(obj, "prefetch", 1, limits.max_prefetch)
+            lease = _int(obj, "lease", 1, limits.max_lease)
+            ack = obj.get("ack", AckMode.MANUAL.value)
+            if ack not in (AckMode.MANUAL.value, AckMode.AUTO.value):
+                raise FrameError(ErrorCode.BAD_FIELD, 'ack must be "manual" or "auto"')
+            return Subscribe(
+                ref=ref,
+                queue=_name(obj, "queue"),
+                prefetch=limits.default_prefetch if prefetch is None else prefetch,
+                ack_mode=AckMode(ack),
+                lease=limits.default_lease if lease is None else lease,
+            )
+        case "unsubscribe":
+            return Unsubscribe(ref=ref, queue=_name(obj, "queue"))
+        # Job ops validate their own fields before locating the job, so that a malformed frame
+        # is a bad_field, not an unknown_job.
+        case "ack":
+            result = orjson.dumps(obj["result"]) if "result" in obj else None
+            queue, job_id, token = _job(obj, locate)
+            return Ack(ref=ref, queue=queue, id=job_id, token=token, result_json=result)
+        case "nack":
+            delay, error = _seconds(obj, "delay"), _opt_str(obj, "error")
+            queue, job_id, token = _job(obj, locate)
+            return Nack(ref=ref, queue=queue, id=job_id, token=token, delay=delay, error=error)
+        case "touch":
+            lease = _int(obj, "lease", 1, limits.max_lease)
+            queue, job_id, token = _job(obj, locate)
+            return Touch(ref=ref, queue=queue, id=job_id, token=token, lease=lease)
+        case "progress":
+            data = _json(obj, "data")
+            queue, job_id, token = _job(obj, locate)
+            return Progress(ref=ref, queue=queue, id=job_id, token=token, data_json=data)
+        case "push":
+            return _push(obj, ref, limits)
+        case "publish":
+            return Publish(ref=ref, channel=_name(obj, "channel"), data_json=_json(obj, "data"))
+        case "listen":
+            return Listen(ref=ref, channel=_name(obj, "channel"))
+        case "unlisten":
+            return Unlisten(ref=ref, channel=_name(obj, "channel"))
+        case "watch" | "unwatch":
+            topic = obj.get("topic")
+            if topic not in (Topic.STATS.value, Topic.EVENTS.value):
+                raise FrameError(ErrorCode.BAD_FIELD, 'topic must be "stats" or "events"')
+            queue_name = None if obj.get("queue") is None else _name(obj, "queue")
+            kind = Watch if op == "watch" else Unwatch
+            return kind(ref=ref, topic=Topic(topic), queue=queue_name)
+        case _:
+            return Auth(ref=ref, token=_str(obj, "token"))
+
+
+def _push(obj: Mapping[str, Any], ref: str | None, limits: SessionLimits) -> Push | PushBatch:
+    queue = _name(obj, "queue")
+    if "jobs" in obj:
+        if "body" in obj:
+            raise FrameError(ErrorCode.BAD_FIELD, "push takes either body or jobs, not both")
+        # A batch has no per-job options, like POST /qb/{queue}: refuse them rather than drop them.
+        for key in _SINGLE_ONLY:
+            if key in obj:
+                raise FrameError(ErrorCode.BAD_FIELD, f"{key} cannot be used with jobs")
+        jobs = obj["jobs"]
+        if not isinstance(jobs, list) or not jobs:
+            raise FrameError(ErrorCode.BAD_FIELD, "jobs must be a non-empty array of job bodies")
+        if len(jobs) > limits.max_batch:
+            raise FrameError(ErrorCode.TOO_LARGE, f"jobs has {len(jobs)} bodies, over max_batch {limits.max_batch}")
+        return PushBatch(ref=ref, queue=queue, bodies=tuple(orjson.dumps(body) for body in jobs))
+    if "body" not in obj:
+        raise FrameError(ErrorCode.BAD_FIELD, "push needs body (one job) or jobs (a batch)")
+    uniq = _opt_str(obj, "uniq")
+    if uniq == "":
+        raise FrameError(ErrorCode.BAD_FIELD, "uniq must be a non-empty string")
+    return Push(
+        ref=ref,
+        queue=queue,
+        body_json=orjson.dumps(obj["body"]),
+        priority=_int(obj, "priority", 0, MAX_PRIORITY),
+        delay=_seconds(obj, "delay"),
+        uniq=uniq,
+        ttl=_seconds(obj, "ttl"),
+        max_attempts=_int(obj, "max_attempts", 1, MAX_ATTEMPTS),
+    )
+
+
+# --- encoding server frames ---------------------------------------------------------------------
+
+
+def encode(frame: Mapping[str, Any]) -> bytes:
+    """A server frame as compact UTF-8 JSON."""
+    return orjson.dumps(frame)
+
+
+def error_frame(code: str, message: str, ref: str | None, extra: Mapping[str, Any] | None = None) -> bytes:
+    frame: dict[str, Any] = {"op": "error", "ref": ref, "error": message, "code": code}
+    if extra:
+        frame.update((k, v) for k, v in extra.items() if k not in frame)
+    return orjson.dumps(frame)
+
+
+def job_frame(queue: str, job_id: str, token: str | None, attempt: int, body: bytes) -> bytes:
+    """A ``job`` frame; ``body`` (valid JSON, as stored) is spliced in without being re-encoded."""
+    parts = [b'{"op":"job","queue":', orjson.dumps(queue), b',"id":', orjson.dumps(job_id)]
+    if token is not None:
+        parts += [b',"token":', orjson.dumps(token)]
+    parts += [b',"attempt":', str(attempt).encode(), b',"body":', body, b"}"]
+    return b"".join(parts)
+
+
+def message_frame(channel: str, data_json: bytes) -> bytes:
+    return b"".join((b'{"op":"message","channel":', orjson.dumps(channel), b',"data":', data_json, b"}"))
+
+
+def event_frame(queue: str, job_id: str, event: str, data_json: bytes | None) -> bytes:
+    head = orjson.dumps({"op": "event", "queue": queue, "id": job_id, "event": event})
+    return b"".join((head[:-1], b',"data":', b"null" if data_json is None else data_json, b"}"))
+
+
+def stats_frame(snapshot_json: bytes) -> bytes:
+    """``{"op":"stats", ...snapshot}``: the snapshot object's members follow ``op`` unchanged."""
+    inner = snapshot_json.strip()
+    if not (inner.startswith(b"{") and inner.endswith(b"}")):
+        raise ValueError("a stats snapshot must be a JSON object")
+    inner = inner[1:-1].strip()
+    return b'{"op":"stats"' + (b"," + inner if inner else b"") + b"}"
