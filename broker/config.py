@@ -129,6 +129,9 @@ class QueueSettings:
     backoff_max: float = bounded(300.0, ge=0)
     default_priority: int = bounded(5, ge=0, le=9)
     reap_interval: float = bounded(1.0, gt=0)
+    # How long an acked job's id is remembered, so that a late ack/nack/touch for it answers
+    # 409 (stale token) rather than 404 (unknown job). Costs ~80 bytes per ack in the window.
+    tombstone_ttl: float = bounded(60.0, ge=0)
     limits: Mapping[str, QueueLimit] = field(
         default_factory=lambda: types.MappingProxyType({}), metadata={"parse": lambda v, k, e: _parse_limits(v, k)}
     )

@@ -1,0 +1,133 @@
+"""The ASGI application: ``create_app(settings)`` with a lifespan that owns Redis and the runtime.
+
+Errors are translated to the wire here and only here: a ``BrokerError`` becomes its status and
+JSON payload, an unreachable Redis a 503 with ``Retry-After``, anything unexpected a 500 with a
+JSON body (never a traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from broker import http, openapi
+from broker.config import Settings
+from broker.errors import BrokerError, Unavailable
+from broker.models import dumps
+from broker.ops import ops_routes
+from broker.redis import EmbeddedRedis, check_redis, create_redis
+from broker.runtime import Runtime
+
+log = logging.getLogger("presque.app")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def error_response(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(payload), status_code=status, media_type="application/json", headers=headers)
+
+
+async def on_broker_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BrokerError)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return error_response(exc.status, exc.payload(), headers)
+
+
+async def on_redis_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, {"error": "redis unavailable"}, {"Retry-After": "1"})
+    log.error("redis error during %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, {"error": f"redis error: {exc}"}, {"Retry-After": "1"})
+
+
+async def on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, {"error": message}, dict(exc.headers or {}))
+
+
+async def on_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error during %s %s", request.method, request.url.path)
+    return error_response(500, {"error": "internal error"})
+
+
+def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Path | None = None) -> Starlette:
+    """Build the broker's ASGI app.
+
+    Args:
+        settings: the broker's settings.
+        redis_url: connect here instead of the configured Redis (tests, embedded Redis).
+        web_dir: where the dashboard's files are (default: the repository's ``web/``).
+
+    Returns:
+        A Starlette app whose lifespan connects to Redis (starting an embedded ``redis-server``
+        when none is configured), checks it, and runs the runtime's background tasks.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        url = redis_url
+        if url is None and settings.redis.embedded:
+            embedded = EmbeddedRedis.from_settings(settings.redis)
+            embedded.start()
+            url = embedded.url
+            log.info("embedded redis-server started, data in %s", settings.redis.data_dir)
+        client = create_redis(settings.redis, url)
+        try:
+            await check_redis(client, settings.redis)
+            runtime = Runtime(settings, client)
+            app.state.runtime = runtime
+            await runtime.start()
+            try:
+                yield
+            finally:
+                await runtime.stop()
+        finally:
+            await client.aclose()
+            if embedded is not None:
+                embedded.stop()
+
+    routes: list[BaseRoute] = [
+        *http.routes(),
+        *ops_routes(),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+    ]
+    web = web_dir or WEB_DIR
+    if web.is_dir():
+        index = web / "index.html"
+
+        async def dashboard(request: Request) -> Response:
+            return FileResponse(index)
+
+        routes += [
+            Route("/", dashboard, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=web), name="static"),
+        ]
+        if (web / "examples").is_dir():
+            routes.append(Mount("/examples", StaticFiles(directory=web / "examples", html=True), name="examples"))
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            BrokerError: on_broker_error,
+            RedisError: on_redis_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )

@@ -1,0 +1,125 @@
+-- Shared helpers, prepended by scripts.py to every script below (Redis has no Lua modules).
+-- Every script receives the queue's keys in this order (keys.QueueKeys.all()):
+-- KEYS[1] ready    zset id -> (9 - priority) * 2^48 + seq
+-- KEYS[2] delayed  zset id -> run_at
+-- KEYS[3] leased   zset id -> lease deadline
+-- KEYS[4] dead     zset id -> failed_at
+-- KEYS[5] expiry   zset id -> expire_at (ttl jobs while ready or delayed)
+-- KEYS[6] body     hash id -> body bytes
+-- KEYS[7] meta     hash id -> cjson array, slots below (models.Meta)
+-- KEYS[8] uniq     hash uniq -> id
+-- KEYS[9] stats    hash of counters
+-- KEYS[10] state   hash: paused, rate_tokens, rate_at
+-- KEYS[11] done    zset id -> completed_at: tombstones of recent acks, trimmed by reap.lua
+local K_READY, K_DELAYED, K_LEASED, K_DEAD, K_EXPIRY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_BODY, K_META, K_UNIQ, K_STATS, K_STATE = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_DONE = KEYS[11]
+
+local SEQ_SPAN = 281474976710656 -- 2^48
+local M_PRIORITY, M_SEQ, M_ATTEMPT, M_FAILURES, M_MAX_ATTEMPTS = 1, 2, 3, 4, 5
+local M_CREATED_AT, M_RUN_AT, M_EXPIRE_AT, M_UNIQ, M_TOKEN = 6, 7, 8, 9, 10
+local M_LEASE, M_LAST_ERROR, M_FAILED_AT = 11, 12, 13
+
+-- One clock for every broker process: Redis's.
+local function now_seconds()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function ready_score(meta)
+  return (9 - meta[M_PRIORITY]) * SEQ_SPAN + meta[M_SEQ]
+end
+
+-- Lua numbers reach the client truncated to integers; floats travel as strings.
+local function num(x)
+  return string.format('%.6f', x)
+end
+
+-- Forget a job entirely (acked, fetched destructively, expired, purged, deleted).
+local function drop_jobs(ids, metas)
+  if #ids == 0 then return end
+  redis.call('HDEL', K_BODY, unpack(ids))
+  redis.call('HDEL', K_META, unpack(ids))
+  local uniqs = {}
+  for _, meta in ipairs(metas) do
+    if meta[M_UNIQ] ~= '' then uniqs[#uniqs + 1] = meta[M_UNIQ] end
+  end
+  if #uniqs > 0 then redis.call('HDEL', K_UNIQ, unpack(uniqs)) end
+end
+
+-- Put a job (not in any set) back where its run_at says: ready now, or delayed.
+local function schedule(id, meta, now)
+  if meta[M_RUN_AT] <= now then
+    redis.call('ZADD', K_READY, ready_score(meta), id)
+    return true
+  end
+  redis.call('ZADD', K_DELAYED, meta[M_RUN_AT], id)
+  return false
+end
+
+-- A delivery failed (nack or lease expiry): retry with backoff, or dead-letter after
+-- max_attempts failures. The job must already be out of the leased set.
+-- delay < 0 means exponential backoff base * 2^(failures-1), capped, with +-20% jitter.
+-- Returns 'dead', 'expired', 'ready' or 'delayed'.
+local function fail_job(id, meta, now, err, delay, base, cap)
+  meta[M_FAILURES] = meta[M_FAILURES] + 1
+  meta[M_LAST_ERROR] = err
+  meta[M_TOKEN] = ''
+  redis.call('HINCRBY', K_STATS, 'failed', 1)
+  if meta[M_FAILURES] >= meta[M_MAX_ATTEMPTS] then
+    meta[M_FAILED_AT] = now
+    redis.call('ZADD', K_DEAD, now, id)
+    redis.call('HINCRBY', K_STATS, 'dead_lettered', 1)
+    if meta[M_UNIQ] ~= '' then redis.call('HDEL', K_UNIQ, meta[M_UNIQ]) end
+    redis.call('HSET', K_META, id, cjson.encode(meta))
+    return 'dead'
+  end
+  if delay < 0 then
+    delay = base * 2 ^ (meta[M_FAILURES] - 1)
+    if delay > cap then delay = cap end
+    delay = delay * (0.8 + 0.4 * math.random())
+  end
+  meta[M_RUN_AT] = now + delay
+  if meta[M_EXPIRE_AT] > 0 and meta[M_RUN_AT] > meta[M_EXPIRE_AT] then
+    -- Its retry would come after its ttl: never deliver late.
+    redis.call('HINCRBY', K_STATS, 'expired', 1)
+    drop_jobs({id}, {meta})
+    return 'expired'
+  end
+  redis.call('HINCRBY', K_STATS, 'retried', 1)
+  redis.call('HSET', K_META, id, cjson.encode(meta))
+  if meta[M_EXPIRE_AT] > 0 then redis.call('ZADD', K_EXPIRY, meta[M_EXPIRE_AT], id) end
+  if schedule(id, meta, now) then return 'ready' end
+  return 'delayed'
+end
+
+-- Move delayed jobs whose time has come to the ready set. Returns how many moved.
+local function promote_due(now, limit)
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, limit)
+  if #due == 0 then return 0 end
+  local metas = redis.call('HMGET', K_META, unpack(due))
+  local zargs = {}
+  for i, id in ipairs(due) do
+    if metas[i] then
+      local meta = cjson.decode(metas[i])
+      zargs[#zargs + 1] = ready_score(meta)
+      zargs[#zargs + 1] = id
+    end
+  end
+  if #zargs > 0 then redis.call('ZADD', K_READY, unpack(zargs)) end
+  redis.call('ZREM', K_DELAYED, unpack(due))
+  return #due
+end
+
+-- The lease check shared by ack, nack, touch and release: 1 ok, 0 unknown job, -1 stale token.
+local function check_lease(id, meta_raw, deadline, token, now, allow_expired)
+  if not meta_raw then
+    -- Acked a moment ago: that is a stale token (409), not an unknown job (404).
+    if redis.call('ZSCORE', K_DONE, id) then return -1, nil end
+    return 0, nil
+  end
+  local meta = cjson.decode(meta_raw)
+  if not deadline or meta[M_TOKEN] ~= token then return -1, meta end
+  if not allow_expired and tonumber(deadline) < now then return -1, meta end
+  return 1, meta
+end

@@ -1,0 +1,104 @@
+-- Take up to `count` jobs from the queue: leased (lease > 0) or destructively (lease = 0).
+-- Due delayed jobs are promoted first; ttl-expired jobs met on the way are dropped.
+-- ARGV[1] count
+-- ARGV[2] lease seconds, 0 for a destructive fetch (the job is gone once returned)
+-- ARGV[3] token prefix (random per call; tokens are prefix .. index)
+-- ARGV[4] max_inflight, 0 = unlimited (counts leased jobs across all processes)
+-- ARGV[5] rate in jobs/second, 0 = unlimited (token bucket in the state hash, burst = max(rate, 1))
+-- Returns {status, hint, id1, token1, attempt1, body1, latency1, id2, ...}
+--   status 1: jobs follow (maybe none when all popped ones had expired: fetch again)
+--   status 0: empty; hint = run_at of the next delayed job, or '' when none
+--   status -1: paused; -2: rate limited, hint = seconds until a token; -3: max_inflight reached
+local count = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local max_inflight = tonumber(ARGV[4])
+local rate = tonumber(ARGV[5])
+local now = now_seconds()
+
+local state = redis.call('HMGET', K_STATE, 'paused', 'rate_tokens', 'rate_at')
+if state[1] == '1' then return {-1, ''} end
+
+promote_due(now, count * 2 + 100)
+
+if max_inflight > 0 and lease > 0 then
+  local room = max_inflight - redis.call('ZCARD', K_LEASED)
+  if room <= 0 then return {-3, ''} end
+  if room < count then count = room end
+end
+
+local tokens = 0
+if rate > 0 then
+  local burst = math.max(rate, 1)
+  tokens = tonumber(state[2] or burst)
+  local last = tonumber(state[3] or now)
+  tokens = math.min(burst, tokens + (now - last) * rate)
+  if tokens < 1 then return {-2, num((1 - tokens) / rate)} end
+  if math.floor(tokens) < count then count = math.floor(tokens) end
+end
+
+local popped = redis.call('ZPOPMIN', K_READY, count)
+if #popped == 0 then
+  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if #head == 0 then return {0, ''} end
+  return {0, head[2]}
+end
+
+local ids = {}
+for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+local metas = redis.call('HMGET', K_META, unpack(ids))
+local bodies = redis.call('HMGET', K_BODY, unpack(ids))
+
+local out = {1, ''}
+local gone_ids, gone_metas, expired_ids, expired_metas, lease_args, meta_args, unexpire = {}, {}, {}, {}, {}, {}, {}
+local deadline = now + lease
+for i, id in ipairs(ids) do
+  if metas[i] and bodies[i] then
+    local meta = cjson.decode(metas[i])
+    if meta[M_EXPIRE_AT] > 0 and meta[M_EXPIRE_AT] < now then
+      expired_ids[#expired_ids + 1] = id
+      expired_metas[#expired_metas + 1] = meta
+    else
+      meta[M_ATTEMPT] = meta[M_ATTEMPT] + 1
+      local token = ''
+      if lease > 0 then
+        token = ARGV[3] .. i
+        meta[M_TOKEN] = token
+        meta[M_LEASE] = lease
+        lease_args[#lease_args + 1] = deadline
+        lease_args[#lease_args + 1] = id
+        meta_args[#meta_args + 1] = id
+        meta_args[#meta_args + 1] = cjson.encode(meta)
+      else
+        gone_ids[#gone_ids + 1] = id
+        gone_metas[#gone_metas + 1] = meta
+      end
+      if meta[M_EXPIRE_AT] > 0 then unexpire[#unexpire + 1] = id end
+      out[#out + 1] = id
+      out[#out + 1] = token
+      out[#out + 1] = meta[M_ATTEMPT]
+      out[#out + 1] = bodies[i]
+      out[#out + 1] = num(now - meta[M_RUN_AT])
+    end
+  end
+  -- A ready id without meta or body cannot happen through these scripts; it is dropped.
+end
+
+if #lease_args > 0 then
+  redis.call('ZADD', K_LEASED, unpack(lease_args))
+  redis.call('HSET', K_META, unpack(meta_args))
+end
+if #gone_ids > 0 then
+  drop_jobs(gone_ids, gone_metas)
+  redis.call('HINCRBY', K_STATS, 'processed', #gone_ids)
+end
+if #expired_ids > 0 then
+  drop_jobs(expired_ids, expired_metas)
+  redis.call('HINCRBY', K_STATS, 'expired', #expired_ids)
+  for _, id in ipairs(expired_ids) do unexpire[#unexpire + 1] = id end
+end
+if #unexpire > 0 then redis.call('ZREM', K_EXPIRY, unpack(unexpire)) end
+if rate > 0 then
+  local delivered = (#out - 2) / 5
+  redis.call('HSET', K_STATE, 'rate_tokens', num(tokens - delivered), 'rate_at', num(now))
+end
+return out

@@ -1,0 +1,88 @@
+-- Push jobs (one HTTP request, or many coalesced ones, or a batch) atomically.
+-- ARGV[1] wake channel (published when the ready set goes from empty to non-empty, or when a
+--         delayed job becomes the earliest one: the payload is then its run_at)
+-- ARGV[2] 1 to count each job as a failure too (presque's PUT "re-queue after failure")
+-- ARGV[3] 1 when this call is part of a batch push that must be all-or-nothing on uniq conflicts
+-- ARGV[4..] 7 fields per job: id, body, priority, delay seconds, ttl seconds (0 = none),
+--           uniq key ('' = none), max_attempts
+-- Returns one entry per job: its id, or '!' .. id of the existing job holding its uniq key.
+-- The broker mints ids before the first try, so when the first id is already known, this is a
+-- retry of a call that ran but whose reply was lost (connection dropped): do not push twice.
+if redis.call('HEXISTS', K_META, ARGV[4]) == 1 then
+  local ids = {}
+  for i = 4, #ARGV, 7 do ids[#ids + 1] = ARGV[i] end
+  return ids
+end
+local now = now_seconds()
+local all_or_nothing = ARGV[3] == '1'
+local out = {}
+local accepted = {}
+local taken = {}
+local conflict = false
+for i = 4, #ARGV, 7 do
+  local uniq = ARGV[i + 5]
+  local existing = false
+  if uniq ~= '' then
+    existing = taken[uniq] or redis.call('HGET', K_UNIQ, uniq)
+  end
+  if existing then
+    out[#out + 1] = '!' .. existing
+    conflict = true
+  else
+    if uniq ~= '' then taken[uniq] = ARGV[i] end
+    out[#out + 1] = ARGV[i]
+    accepted[#accepted + 1] = i
+  end
+end
+if #accepted == 0 or (conflict and all_or_nothing) then return out end
+
+local was_empty = redis.call('EXISTS', K_READY) == 0
+local seq = redis.call('HINCRBY', K_STATS, 'pushed', #accepted) - #accepted
+if ARGV[2] == '1' then redis.call('HINCRBY', K_STATS, 'failed', #accepted) end
+
+local bodies, metas, ready, delayed, expiry, uniqs = {}, {}, {}, {}, {}, {}
+local earliest = nil
+for _, i in ipairs(accepted) do
+  local id, uniq = ARGV[i], ARGV[i + 5]
+  local delay, ttl = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  seq = seq + 1
+  local run_at = now + delay
+  local expire_at = 0
+  if ttl > 0 then
+    expire_at = run_at + ttl
+    expiry[#expiry + 1] = expire_at
+    expiry[#expiry + 1] = id
+  end
+  local meta = {tonumber(ARGV[i + 2]), seq, 0, 0, tonumber(ARGV[i + 6]), now, run_at, expire_at, uniq, '', 0, '', 0}
+  bodies[#bodies + 1] = id
+  bodies[#bodies + 1] = ARGV[i + 1]
+  metas[#metas + 1] = id
+  metas[#metas + 1] = cjson.encode(meta)
+  if delay > 0 then
+    delayed[#delayed + 1] = run_at
+    delayed[#delayed + 1] = id
+    if not earliest or run_at < earliest then earliest = run_at end
+  else
+    ready[#ready + 1] = ready_score(meta)
+    ready[#ready + 1] = id
+  end
+  if uniq ~= '' then
+    uniqs[#uniqs + 1] = uniq
+    uniqs[#uniqs + 1] = id
+  end
+end
+
+redis.call('HSET', K_BODY, unpack(bodies))
+redis.call('HSET', K_META, unpack(metas))
+if #ready > 0 then
+  redis.call('ZADD', K_READY, unpack(ready))
+  if was_empty then redis.call('PUBLISH', ARGV[1], '0') end
+end
+if #delayed > 0 then
+  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', K_DELAYED, unpack(delayed))
+  if #head == 0 or earliest < tonumber(head[2]) then redis.call('PUBLISH', ARGV[1], num(earliest)) end
+end
+if #expiry > 0 then redis.call('ZADD', K_EXPIRY, unpack(expiry)) end
+if #uniqs > 0 then redis.call('HSET', K_UNIQ, unpack(uniqs)) end
+return out

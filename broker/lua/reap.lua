@@ -1,0 +1,56 @@
+-- Housekeeping for one queue, run about once a second by one broker process (whichever holds
+-- the reaper lock), so that a dead process's leases still come back:
+-- expired leases count as failures (retry with backoff or dead-letter), due delayed jobs
+-- become ready, ttl-expired waiting jobs are dropped, old ack tombstones are trimmed.
+-- ARGV[1] wake channel   ARGV[2] limit per kind   ARGV[3] backoff base   ARGV[4] backoff cap
+-- ARGV[5] random seed    ARGV[6] tombstone window seconds
+-- Returns {lease_expired, dead_lettered, promoted, expired, more (1 when a limit was hit)}
+local now = now_seconds()
+local limit = tonumber(ARGV[2])
+math.randomseed(tonumber(ARGV[5]))
+local wake = false
+local more = 0
+
+local lapsed = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, limit)
+local dead = 0
+if #lapsed > 0 then
+  if #lapsed == limit then more = 1 end
+  local metas = redis.call('HMGET', K_META, unpack(lapsed))
+  redis.call('ZREM', K_LEASED, unpack(lapsed))
+  for i, id in ipairs(lapsed) do
+    if metas[i] then
+      local outcome = fail_job(id, cjson.decode(metas[i]), now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]))
+      if outcome == 'dead' then dead = dead + 1 end
+      if outcome == 'ready' then wake = true end
+    end
+  end
+end
+
+local promoted = promote_due(now, limit)
+if promoted > 0 then wake = true end
+if promoted == limit then more = 1 end
+
+local stale = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', now, 'LIMIT', 0, limit)
+local expired_ids, expired_metas = {}, {}
+if #stale > 0 then
+  if #stale == limit then more = 1 end
+  local metas = redis.call('HMGET', K_META, unpack(stale))
+  for i, id in ipairs(stale) do
+    -- Only waiting jobs expire; a leased one was taken in time (fetch removes it from here).
+    if metas[i] and not redis.call('ZSCORE', K_LEASED, id) then
+      expired_ids[#expired_ids + 1] = id
+      expired_metas[#expired_metas + 1] = cjson.decode(metas[i])
+    end
+  end
+  redis.call('ZREM', K_EXPIRY, unpack(stale))
+  if #expired_ids > 0 then
+    redis.call('ZREM', K_READY, unpack(expired_ids))
+    redis.call('ZREM', K_DELAYED, unpack(expired_ids))
+    drop_jobs(expired_ids, expired_metas)
+    redis.call('HINCRBY', K_STATS, 'expired', #expired_ids)
+  end
+end
+
+redis.call('ZREMRANGEBYSCORE', K_DONE, '-inf', now - tonumber(ARGV[6]))
+if wake then redis.call('PUBLISH', ARGV[1], '0') end
+return {#lapsed, dead, promoted, #expired_ids, more}

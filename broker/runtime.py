@@ -1,0 +1,181 @@
+"""Runtime: the live parts of one broker process, shared by HTTP routes and WebSocket sessions.
+
+Created by the app's lifespan (``app.create_app``), stored on ``app.state.runtime``. It owns the
+Redis client, the queue service, the pub/sub notifier, the push coalescer and the background
+housekeeping; nothing here is a module-level global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from broker import keys
+from broker.batching import Coalescer
+from broker.config import Settings
+from broker.errors import JobExists, NoJob, QueueClosed
+from broker.models import Delivery, PushOptions, dumps, new_job_id
+from broker.notify import Notifier
+from broker.queue import QueuePolicy, QueueService
+from broker.stats import Stats
+from broker.workers import WorkerRegistry
+
+log = logging.getLogger("presque.runtime")
+
+PushItem = tuple[bytes, PushOptions, bool]  # body, options, count as failure
+
+
+class Runtime:
+    """One broker process's connection to Redis and its background tasks.
+
+    Args:
+        settings: the broker's settings.
+        redis: a connected redis.asyncio client (the app creates it from the settings).
+    """
+
+    def __init__(self, settings: Settings, redis: Any) -> None:
+        self.settings = settings
+        self.redis = redis
+        q = settings.queues
+        self.queues = QueueService(
+            redis,
+            QueuePolicy(backoff_base=q.backoff_base, backoff_max=q.backoff_max, tombstone_ttl=q.tombstone_ttl),
+            limits=q.limit_for,
+        )
+        self.notifier = Notifier(redis)
+        self.workers = WorkerRegistry(redis)
+        self.stats = Stats(redis, self.queues, self.workers)
+        self.pusher: Coalescer[PushItem, str] = Coalescer(self._flush_pushes, max_batch=settings.limits.max_batch)
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[-6:]}"
+        self.started_at = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start the notifier and the housekeeping loop."""
+        await self.notifier.start()
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="presque-housekeeping"))
+
+    async def stop(self) -> None:
+        """Stop background work and close Redis connections."""
+        self.stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.notifier.stop()
+
+    # -- pushing (coalesced) ----------------------------------------------------------------------
+
+    async def push(self, queue: str, body: bytes, opts: PushOptions, *, count_failure: bool = False) -> str:
+        """Push one job; concurrent pushes to a queue share one Redis call. Raises JobExists."""
+        return await self.pusher.submit(f"{int(count_failure)}{queue}", (body, opts, count_failure))
+
+    async def _flush_pushes(self, key: str, items: Sequence[PushItem]) -> list[str | BaseException]:
+        queue, count_failure = key[1:], key[0] == "1"
+        results = await self.queues.push_many(
+            queue, [(body, opts) for body, opts, _ in items], count_failure=count_failure
+        )
+        return list(results)
+
+    # -- taking, with long-poll --------------------------------------------------------------------
+
+    async def take(self, queue: str, *, lease: float, wait: float) -> Delivery:
+        """Take one job, waiting up to ``wait`` seconds for one to arrive (HTTP ``GET /q/``).
+
+        Raises:
+            NoJob: nothing arrived in time.
+            QueueClosed: the queue is paused.
+        """
+        result = await self.queues.fetch(queue, count=1, lease=lease)
+        if result.jobs:
+            return result.jobs[0]
+        if result.paused:
+            raise QueueClosed()
+        if wait <= 0:
+            if result.empty or result.limited:
+                raise NoJob()
+            return await self.queues.fetch_one(queue, lease=lease)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        woken = asyncio.Event()
+
+        def wake(_payload: bytes | None) -> None:
+            woken.set()
+
+        channel = keys.wake_channel(queue)
+        # Subscribe before looking again: a push after that look is then sure to wake us.
+        await self.notifier.subscribe(channel, wake)
+        try:
+            while True:
+                woken.clear()
+                result = await self.queues.fetch(queue, count=1, lease=lease)
+                if result.jobs:
+                    return result.jobs[0]
+                if result.paused:
+                    raise QueueClosed()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise NoJob()
+                if not result.empty and not result.limited:
+                    continue  # the popped jobs had expired; look again at once
+                timeout = remaining
+                if result.retry_in is not None:
+                    timeout = min(timeout, result.retry_in)
+                if result.next_run_at is not None:
+                    timeout = min(timeout, max(0.0, result.next_run_at - time.time()) + 0.001)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), timeout)
+        finally:
+            await self.notifier.unsubscribe(channel, wake)
+
+    # -- housekeeping ------------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """Every ``reap_interval``: one process (holding a short lock) reaps every queue.
+
+        Any live process may take the lock, so a dead process's leases come back through the
+        others. Each queue is one script call, sent in one pipeline.
+        """
+        interval = self.settings.queues.reap_interval
+        while not self.stopping.is_set():
+            try:
+                await self.heartbeat()
+                if await self.redis.set(keys.REAPER_LOCK, self.process_id, nx=True, px=int(interval * 900)):
+                    await self.reap_all()
+                    await self.stats.record_history(await self.stats.snapshot())
+            except (RedisError, OSError) as exc:
+                log.debug("housekeeping skipped: %s", exc)
+            except Exception:
+                log.exception("housekeeping failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    async def reap_all(self) -> None:
+        """Reap every known queue once (leases, delayed, ttl, tombstones)."""
+        for queue in await self.queues.queues():
+            while (await self.queues.reap(queue)).more:
+                pass
+
+    async def heartbeat(self) -> None:
+        """Record this process in the process registry (the dashboard's list of brokers)."""
+        info = {
+            "id": self.process_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "last_seen": time.time(),
+        }
+        await self.redis.hset(keys.PROCESSES, self.process_id, dumps(info))
+
+
+__all__ = ["JobExists", "Runtime"]
