@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -36,7 +36,6 @@ class ErrorCode(StrEnum):
     STALE_TOKEN = "stale_token"
     TOO_LARGE = "too_large"
     TOO_MANY = "too_many"
-    UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     NOT_SUBSCRIBED = "not_subscribed"
     ALREADY_SUBSCRIBED = "already_subscribed"
@@ -64,12 +63,9 @@ class Topic(StrEnum):
     EVENTS = "events"
 
 
-class Role(StrEnum):
-    """What an authorization hook is asked about, for one queue or channel name."""
-
-    PRODUCE = "produce"
-    CONSUME = "consume"
-    ADMIN = "admin"
+# What an authorization hook is asked about, for one queue or channel name (the same literal
+# type as broker.config.Role, so that ``AuthToken.allows`` plugs straight in).
+Role = Literal["produce", "consume", "admin"]
 
 
 class JobEvent(StrEnum):
@@ -116,8 +112,8 @@ class SessionLimits:
     max_watches: int = 100
     max_prefetch: int = 1000
     default_prefetch: int = 10
-    default_lease: int = 30
-    max_lease: int = 86_400
+    default_lease: float = 30.0
+    max_lease: float = 3600.0
     max_batch: int = 1000
     send_buffer: int = 262_144
     max_errors: int = 100
@@ -125,8 +121,8 @@ class SessionLimits:
     def __post_init__(self) -> None:
         if not 1 <= self.default_prefetch <= self.max_prefetch:
             raise ValueError("default_prefetch must be between 1 and max_prefetch")
-        if not 1 <= self.default_lease <= self.max_lease:
-            raise ValueError("default_lease must be between 1 and max_lease")
+        if not 0 < self.default_lease <= self.max_lease:
+            raise ValueError("default_lease must be above 0 and at most max_lease")
         for name in ("max_frame", "max_subscriptions", "max_channels", "max_watches", "max_batch", "send_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -152,7 +148,7 @@ class Subscribe:
     queue: str
     prefetch: int
     ack_mode: AckMode
-    lease: int
+    lease: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,7 +187,7 @@ class Touch:
     queue: str
     id: str
     token: str
-    lease: int | None = None
+    lease: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -379,6 +375,17 @@ def _int(obj: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
     return value
 
 
+def _lease(obj: Mapping[str, Any], limits: SessionLimits) -> float | None:
+    value = obj.get("lease")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= limits.max_lease:
+        raise FrameError(
+            ErrorCode.BAD_FIELD, f"lease must be a number of seconds above 0, at most {limits.max_lease:g}"
+        )
+    return value
+
+
 def _seconds(obj: Mapping[str, Any], key: str) -> float | None:
     value = obj.get(key)
     if value is None:
@@ -408,7 +415,7 @@ def _parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimi
     match op:
         case "subscribe":
             prefetch = _int(obj, "prefetch", 1, limits.max_prefetch)
-            lease = _int(obj, "lease", 1, limits.max_lease)
+            lease = _lease(obj, limits)
             ack = obj.get("ack", AckMode.MANUAL.value)
             if ack not in (AckMode.MANUAL.value, AckMode.AUTO.value):
                 raise FrameError(ErrorCode.BAD_FIELD, 'ack must be "manual" or "auto"')
@@ -432,7 +439,7 @@ def _parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimi
             queue, job_id, token = _job(obj, locate)
             return Nack(ref=ref, queue=queue, id=job_id, token=token, delay=delay, error=error)
         case "touch":
-            lease = _int(obj, "lease", 1, limits.max_lease)
+            lease = _lease(obj, limits)
             queue, job_id, token = _job(obj, locate)
             return Touch(ref=ref, queue=queue, id=job_id, token=token, lease=lease)
         case "progress":

@@ -63,10 +63,10 @@ from broker.frames import (
 
 __all__ = ["Authorize", "Command", "Lease", "Session", "SessionLimits", "SessionState", "Subscription"]
 
-Authorize = Callable[[str, str], bool]
-"""``authorize(role, queue_or_channel) -> bool``; ``role`` is a :class:`Role` value."""
+Authorize = Callable[[Role, str], bool]
+"""``authorize(role, queue_or_channel) -> bool``, e.g. ``broker.config.AuthToken.allows``."""
 
-# Watch targets that need admin on every queue.
+# The name authorize() is asked about for a watch on every queue (matched only by the glob "*").
 ALL = "*"
 
 
@@ -83,7 +83,7 @@ class Subscription:
     queue: str
     prefetch: int
     ack_mode: AckMode
-    lease: int
+    lease: float
     active: bool = False  # set when the I/O layer confirms the Subscribe command
     in_flight: dict[str, str] = field(default_factory=dict)
 
@@ -207,13 +207,14 @@ class Session:
     def _check_allowed(self, cmd: Command) -> None:
         if self._authorize is None:
             return
+        role: Role
         match cmd:
             case Subscribe(queue=name) | Listen(channel=name):
-                role = Role.CONSUME
+                role = "consume"
             case Push(queue=name) | PushBatch(queue=name) | Publish(channel=name):
-                role = Role.PRODUCE
+                role = "produce"
             case Watch(queue=queue):
-                role, name = Role.ADMIN, ALL if queue is None else queue
+                role, name = "admin", ALL if queue is None else queue
             case _:
                 # Job ops were allowed by their subscribe; un-ops and auth give nothing away.
                 return
@@ -335,8 +336,9 @@ class Session:
 
         A failed :class:`Subscribe`, :class:`Listen` or :class:`Watch` is forgotten; a failed
         :class:`Unsubscribe` still leaves the queue unsubscribed (its released jobs return by
-        lease expiry). A :class:`Touch` or :class:`Progress` refused as ``stale_token`` or
-        ``unknown_job`` drops the job from the in-flight set: it is no longer this connection's.
+        lease expiry). A failed :class:`Auth` is always reported as ``forbidden``. A
+        :class:`Touch` or :class:`Progress` refused as ``stale_token`` or ``unknown_job`` drops
+        the job from the in-flight set: it is no longer this connection's.
 
         Args:
             cmd: a command :meth:`receive` returned.
@@ -353,6 +355,10 @@ class Session:
                 self._channels.discard(cmd.channel)
             case Watch():
                 self._watches.discard((cmd.topic, cmd.queue))
+            case Auth():
+                # A refused token is forbidden on the wire whatever the I/O layer raised
+                # (Unauthorized, ...): clients such as web/presque.js stop retrying on that code.
+                code = ErrorCode.FORBIDDEN
             case Touch() | Progress() if code in (ErrorCode.STALE_TOKEN, ErrorCode.UNKNOWN_JOB):
                 sub = self._subs.get(cmd.queue)
                 if sub is not None and sub.in_flight.get(cmd.id) == cmd.token:
@@ -370,7 +376,7 @@ class Session:
         """Confirm an :class:`Auth` command: the token is valid and grants ``authorize``.
 
         From now on every op is allowed subject to ``authorize`` (None allows everything). The
-        I/O layer must call this (or :meth:`command_failed` with ``unauthorized``) before it feeds
+        I/O layer must call this (or :meth:`command_failed`, sent as ``forbidden``) before it feeds
         the next frame, since frames after ``auth`` are refused until it does.
         """
         self._authenticated = True

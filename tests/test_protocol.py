@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.errors import JobExists, Unavailable
+from broker.config import AuthToken, Roles
+from broker.errors import JobExists, Unauthorized, Unavailable
 from broker.frames import (
     Ack,
     AckMode,
@@ -767,8 +768,8 @@ def test_auth_required_gates_every_op() -> None:
 def test_auth_refused(s: Session) -> None:
     s = Session(auth_required=True)
     cmd = one(s, {"op": "auth", "token": "wrong"})
-    s.command_failed(cmd, ErrorCode.UNAUTHORIZED, "invalid token")
-    assert out(s) == [{"op": "error", "ref": None, "error": "invalid token", "code": "unauthorized"}]
+    s.command_raised(cmd, Unauthorized("invalid token"))
+    assert out(s) == [{"op": "error", "ref": None, "error": "invalid token", "code": "forbidden"}]
     assert error(s, {"op": "listen", "channel": "c"})["code"] == "forbidden"
 
 
@@ -832,6 +833,14 @@ def test_authorize_hook_roles() -> None:
     assert len(asked) == n
 
 
+def test_config_tokens_plug_in_as_authorize_hook() -> None:
+    token = AuthToken(token="t", name="worker", roles=Roles(consume=("jobs.*",), admin=("*",)))
+    s = Session(authorize=token.allows)
+    one(s, {"op": "subscribe", "queue": "jobs.email"})
+    one(s, {"op": "watch", "topic": "stats"})
+    assert error(s, {"op": "push", "queue": "jobs.email", "body": 1})["code"] == "forbidden"
+
+
 def test_authenticated_replaces_authorize() -> None:
     s = Session(authorize=lambda role, name: False)
     assert error(s, {"op": "subscribe", "queue": "q"})["code"] == "forbidden"
@@ -864,7 +873,7 @@ def test_every_error_code_is_produced() -> None:
     deliver(s, "j1", "t1")
     recv(s, {"op": "ack", "id": "j1", "token": "t0"})
     collect(s)
-    for code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.JOB_EXISTS, ErrorCode.UNAUTHORIZED):
+    for code in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL, ErrorCode.JOB_EXISTS):
         s.command_failed(Push(queue="q", body_json=b"1"), code, "failed")
     collect(s)
     assert seen == {code.value for code in ErrorCode}
