@@ -1,0 +1,74 @@
+"""Shared fixtures: a real redis-server per test session, wiped before each test.
+
+- ``redis_server`` (session): the :class:`~tests.servers.RedisServer` itself. Tests that stop,
+  kill or pause Redis must use ``make_redis_server`` instead, so that others keep theirs.
+- ``redis_url`` (function): its URL, after FLUSHALL (fast isolation between tests).
+- ``redis`` (function, async): a ``redis.asyncio.Redis`` on it (bytes replies), closed after.
+- ``make_redis_server`` (function): factory ``(**kwargs) -> RedisServer`` of private, started
+  servers, stopped after the test.
+- ``make_broker`` (function): factory ``(redis_url, **kwargs) -> BrokerServer`` of started broker
+  subprocesses, stopped after the test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.servers import BrokerServer, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    if not redis_server.running:  # a test broke the shared server; give the next one a working one
+        redis_server.start()
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def make_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: Any) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerServer]]:
+    brokers: list[BrokerServer] = []
+
+    def make(redis_url: str | None, **kwargs: Any) -> BrokerServer:
+        broker = BrokerServer(tmp_path / f"broker-{len(brokers)}", redis_url, **kwargs)
+        brokers.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in brokers:
+        broker.stop()
