@@ -315,8 +315,33 @@ class BrokerServer:
         return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (graceful shutdown) and wait; SIGKILL after ``timeout``. Returns the exit status."""
-        return _terminate(self.proc, timeout) if self.proc is not None else None
+        """SIGTERM (graceful shutdown) and wait; SIGKILL after ``timeout``. Returns the exit status.
+
+        In embedded mode, a ``redis-server`` orphaned by an earlier :meth:`kill` is stopped too.
+        """
+        code = _terminate(self.proc, timeout) if self.proc is not None else None
+        if self.redis_url is None:
+            self._stop_orphaned_redis()
+        return code
+
+    def _stop_orphaned_redis(self) -> None:
+        pid_file = self.directory / "data" / "redis.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "redis-server":
+                return
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            return
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_for_sync(gone, 10.0, message=f"orphaned redis-server {pid} did not stop")
 
     def kill(self) -> None:
         """SIGKILL: a crashed broker (no lease returned, nothing flushed)."""
