@@ -416,7 +416,8 @@ def _parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimi
         case "subscribe":
             prefetch = _int(obj, "prefetch", 1, limits.max_prefetch)
             lease = _lease(obj, limits)
-            ack = obj.get("ack", AckMode.MANUAL.value)
+            ack = obj.get("ack")
+            ack = AckMode.MANUAL.value if ack is None else ack
             if ack not in (AckMode.MANUAL.value, AckMode.AUTO.value):
                 raise FrameError(ErrorCode.BAD_FIELD, 'ack must be "manual" or "auto"')
             return Subscribe(

@@ -131,7 +131,8 @@ def test_subscribe_defaults_and_values() -> None:
     assert p({"op": "subscribe", "queue": "q", "lease": 0.5}).lease == 0.5
     assert p({"op": "subscribe", "queue": "q", "lease": 3600}).lease == 3600
     # null means "not given": defaults apply
-    assert p({"op": "subscribe", "queue": "q", "prefetch": None, "lease": None}).prefetch == 10
+    cmd = p({"op": "subscribe", "queue": "q", "prefetch": None, "lease": None, "ack": None})
+    assert cmd == Subscribe(queue="q", prefetch=10, ack_mode=AckMode.MANUAL, lease=30)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +148,8 @@ def test_subscribe_defaults_and_values() -> None:
         ({"lease": "30"}, ErrorCode.BAD_FIELD, "lease"),
         ({"lease": True}, ErrorCode.BAD_FIELD, "lease"),
         ({"ack": "sometimes"}, ErrorCode.BAD_FIELD, "ack must be"),
-        ({"ack": None}, ErrorCode.BAD_FIELD, "ack must be"),
+        ({"ack": ""}, ErrorCode.BAD_FIELD, "ack must be"),
+        ({"ack": 1}, ErrorCode.BAD_FIELD, "ack must be"),
         ({"queue": None}, ErrorCode.BAD_FIELD, "queue is required"),
         ({"queue": "bad name"}, ErrorCode.BAD_QUEUE, "invalid queue name 'bad name'"),
         ({"queue": 7}, ErrorCode.BAD_QUEUE, "invalid queue name '7'"),
