@@ -30,6 +30,7 @@ from broker.models import dumps
 from broker.ops import ops_routes
 from broker.redis import EmbeddedRedis, check_redis, create_redis
 from broker.runtime import Runtime
+from broker.ws import websocket_routes
 
 log = logging.getLogger("presque.app")
 
@@ -105,6 +106,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
     routes: list[BaseRoute] = [
         *http.routes(),
         *ops_routes(),
+        *websocket_routes(),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
     web = web_dir or WEB_DIR

@@ -41,6 +41,7 @@ PREFIX = "presque"
 QUEUES = f"{PREFIX}:queues"
 WORKERS = f"{PREFIX}:workers"
 PROCESSES = f"{PREFIX}:processes"
+WATCHED = f"{PREFIX}:watched"  # hash: queue (or "*") -> until when someone watches its events
 REAPER_LOCK = f"{PREFIX}:reaper"
 HISTORY_LOCK = f"{PREFIX}:hist:lock"
 HISTORY_SECONDS = f"{PREFIX}:hist:1s"

@@ -116,7 +116,8 @@ class QueueService:
     def limit_for(self, queue: str) -> QueueLimit | None:
         return self._limits(queue) if self._limits else None
 
-    async def _remember(self, queue: str) -> None:
+    async def remember(self, queue: str) -> None:
+        """Add ``queue`` to the registry of queues (``/status/``, stats)."""
         # The queue registry is a global key (another Cluster slot than the queue's), so it
         # cannot be updated in the push script; SADD is idempotent and only sent once per process.
         if queue not in self._known:
@@ -144,7 +145,7 @@ class QueueService:
         Returns:
             Per job, its new id, or a JobExists naming the job that holds its uniq key.
         """
-        await self._remember(queue)
+        await self.remember(queue)
         args: list[Any] = [keys.wake_channel(queue), int(count_failure), int(all_or_nothing)]
         for body, opts in jobs:
             args += [new_job_id(), body, opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
@@ -290,7 +291,7 @@ class QueueService:
 
     async def pause(self, queue: str) -> None:
         """Stop handing out jobs of ``queue`` (pushes are still accepted)."""
-        await self._remember(queue)
+        await self.remember(queue)
         await self.redis.hset(keys.queue_keys(queue).state, "paused", "1")
 
     async def resume(self, queue: str) -> None:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from broker import keys
 from broker.batching import Coalescer
 from broker.config import Settings
+from broker.delivery import DeliveryHub
 from broker.errors import JobExists, NoJob, QueueClosed
 from broker.models import Delivery, PushOptions, dumps, new_job_id
 from broker.notify import Notifier
@@ -29,6 +30,8 @@ from broker.stats import Stats
 from broker.workers import WorkerRegistry
 
 log = logging.getLogger("presque.runtime")
+
+LATENCY_WINDOW_BEATS = 30  # the latency figures cover about the last 30 heartbeats
 
 PushItem = tuple[bytes, PushOptions, bool]  # body, options, count as failure
 
@@ -54,10 +57,15 @@ class Runtime:
         self.workers = WorkerRegistry(redis)
         self.stats = Stats(redis, self.queues, self.workers)
         self.pusher: Coalescer[PushItem, str] = Coalescer(self._flush_pushes, max_batch=settings.limits.max_batch)
+        self.acker: Coalescer[tuple[str, str], None] = Coalescer(
+            self.queues.ack_many, max_batch=settings.limits.max_batch
+        )
+        self.delivery = DeliveryHub(self)
         self.process_id = f"{socket.gethostname()}:{os.getpid()}:{new_job_id()[-6:]}"
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
+        self._beats = 0
 
     async def start(self) -> None:
         """Start the notifier and the housekeeping loop."""
@@ -65,7 +73,8 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="presque-housekeeping"))
 
     async def stop(self) -> None:
-        """Stop background work and close Redis connections."""
+        """Return every WebSocket's jobs, stop background work."""
+        await self.delivery.shutdown()
         self.stopping.set()
         for task in self._tasks:
             task.cancel()
@@ -86,6 +95,10 @@ class Runtime:
             queue, [(body, opts) for body, opts, _ in items], count_failure=count_failure
         )
         return list(results)
+
+    async def ack(self, queue: str, job_id: str, token: str) -> None:
+        """Acknowledge one job; concurrent acks on a queue share one Redis call."""
+        await self.acker.submit(queue, (job_id, token))
 
     # -- taking, with long-poll --------------------------------------------------------------------
 
@@ -174,8 +187,13 @@ class Runtime:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "last_seen": time.time(),
+            **self.delivery.figures(),
         }
         await self.redis.hset(keys.PROCESSES, self.process_id, dumps(info))
+        await self.delivery.refresh_watched()
+        self._beats += 1
+        if self._beats % LATENCY_WINDOW_BEATS == 0:
+            self.delivery.rotate_latency()
 
 
 __all__ = ["JobExists", "Runtime"]

@@ -1,0 +1,113 @@
+"""The WebSocket endpoints ``/ws`` and ``/ws/{queue}``: handshake checks, then a Connection.
+
+Before accepting, the handshake is refused with 403 when a browser's ``Origin`` is not allowed
+(cross-site WebSocket hijacking), or when it carries a token that is not valid. Beyond
+``limits.max_connections`` a connection is accepted and closed at once with 1013 (try again
+later), which a client can tell from a network failure.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from broker.config import AuthToken, Settings
+from broker.connection import Connection
+from broker.errors import Unauthorized
+from broker.frames import CloseCode, SessionLimits
+from broker.protocol import Authorize, Session
+
+if TYPE_CHECKING:
+    from broker.runtime import Runtime
+
+
+def session_limits(settings: Settings) -> SessionLimits:
+    """The protocol's per-connection limits, from the broker settings."""
+    limits, queues = settings.limits, settings.queues
+    return SessionLimits(
+        max_frame=limits.max_frame,
+        max_subscriptions=limits.max_subscriptions,
+        max_channels=limits.max_channels,
+        max_prefetch=limits.max_prefetch,
+        default_lease=queues.default_lease,
+        max_lease=queues.max_lease,
+        max_batch=limits.max_batch,
+        send_buffer=settings.websocket.send_buffer,
+    )
+
+
+def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """No Origin (not a browser): allowed. Else same-origin, or listed in ``server.allowed_origins``."""
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    host = websocket.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
+def find_token(settings: Settings, presented: str) -> AuthToken | None:
+    """The configured token equal to ``presented`` (constant-time comparison), or None."""
+    found = None
+    for candidate in settings.auth.tokens:
+        if hmac.compare_digest(candidate.token.encode(), presented.encode()):
+            found = candidate
+    return found
+
+
+def presented_token(websocket: WebSocket) -> str | None:
+    header = websocket.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return websocket.query_params.get("token")
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """Serve one WebSocket: ``/ws``, or ``/ws/{queue}`` which subscribes to that queue at once."""
+    runtime: Runtime = websocket.app.state.runtime
+    settings = runtime.settings
+    if not origin_allowed(websocket, settings.server.allowed_origins):
+        await websocket.close(code=1008)  # before accept: the handshake is refused with 403
+        return
+    authorize: Authorize | None = None
+    auth_required = False
+    if settings.auth.enabled:
+        presented = presented_token(websocket)
+        if presented is None:
+            auth_required = True  # browsers may send an auth frame first
+        else:
+            token = find_token(settings, presented)
+            if token is None:
+                await websocket.close(code=1008)
+                return
+            authorize = token.allows
+
+    def check_token(value: str) -> Authorize:
+        token = find_token(settings, value)
+        if token is None:
+            raise Unauthorized("invalid token")
+        return token.allows
+
+    hub = runtime.delivery
+    await websocket.accept()
+    if len(hub.connections) >= settings.limits.max_connections or hub.shutting_down:
+        await websocket.close(code=int(CloseCode.TRY_AGAIN_LATER), reason="too many connections")
+        return
+    session = Session(session_limits(settings), authorize=authorize, auth_required=auth_required)
+    connection = Connection(
+        hub, websocket, session, check_token=check_token, idle_timeout=settings.websocket.idle_timeout
+    )
+    queue = websocket.path_params.get("queue")
+    if queue is not None:
+        for cmd in session.receive_object({"op": "subscribe", "queue": queue}):
+            await connection._execute(cmd)
+    await connection.run()
+
+
+def websocket_routes() -> list[WebSocketRoute]:
+    return [WebSocketRoute("/ws", websocket_endpoint), WebSocketRoute("/ws/{queue}", websocket_endpoint)]
