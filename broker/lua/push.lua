@@ -6,13 +6,13 @@
 -- ARGV[4..] 7 fields per job: id, body, priority, delay seconds, ttl seconds (0 = none),
 --           uniq key ('' = none), max_attempts
 -- Returns one entry per job: its id, or '!' .. id of the existing job holding its uniq key.
--- The broker mints ids before the first try, so when the first id is already known, this is a
--- retry of a call that ran but whose reply was lost (connection dropped): do not push twice.
-if redis.call('HEXISTS', K_META, ARGV[4]) == 1 then
-  local ids = {}
-  for i = 4, #ARGV, 7 do ids[#ids + 1] = ARGV[i] end
-  return ids
-end
+-- The broker mints ids before the first try, so an id that is already known means this call is
+-- the retry of one that ran but whose reply was lost (connection dropped): that job is not
+-- pushed twice. (A job of the first try already fetched destructively by then is not known any
+-- more and would be pushed again; the retry follows the lost reply at once, so this is rare.)
+local job_ids = {}
+for i = 4, #ARGV, 7 do job_ids[#job_ids + 1] = ARGV[i] end
+local known = redis.call('HMGET', K_META, unpack(job_ids))
 local now = now_seconds()
 local all_or_nothing = ARGV[3] == '1'
 local out = {}
@@ -22,10 +22,10 @@ local conflict = false
 for i = 4, #ARGV, 7 do
   local uniq = ARGV[i + 5]
   local existing = false
-  if uniq ~= '' then
-    existing = taken[uniq] or redis.call('HGET', K_UNIQ, uniq)
-  end
-  if existing then
+  if uniq ~= '' then existing = taken[uniq] or redis.call('HGET', K_UNIQ, uniq) end
+  if known[(i - 4) / 7 + 1] then
+    out[#out + 1] = ARGV[i] -- pushed by the first try of this call
+  elseif existing then
     out[#out + 1] = '!' .. existing
     conflict = true
   else
