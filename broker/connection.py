@@ -3,8 +3,9 @@
 The session (``protocol.py``) decides everything; this class only awaits. Frames are read and
 handled in order; commands that need Redis and return nothing the next frame depends on (push,
 ack, nack, touch, progress, publish) run concurrently, bounded per connection, so that one
-connection can keep many pushes in flight. A single writer task sends what the session queues,
-and reports its backlog so that a slow reader stops receiving jobs instead of buffering them.
+connection can keep many pushes in flight (their replies may therefore overtake each other). A
+single writer task sends what the session queues, and reports its backlog so that a slow reader
+stops receiving jobs instead of buffering them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -23,6 +24,7 @@ from broker.errors import BrokerError
 from broker.frames import (
     Ack,
     Auth,
+    CloseCode,
     Command,
     ErrorCode,
     Lease,
@@ -50,8 +52,9 @@ log = logging.getLogger("presque.connection")
 
 MAX_PENDING = 1000  # commands of one connection running at once; beyond, reading pauses
 UNAVAILABLE_EVERY = 5.0  # at most one unsolicited "unavailable" error frame per this many seconds
+FLUSH_TIMEOUT = 2.0  # closing: how long the last frames (an error, ``shutdown``) may take to go out
 
-AuthCheck = Any  # callable(token) -> Authorize | None, raising Unauthorized
+AuthCheck = Callable[[str], Authorize | None]  # validates an ``auth`` token, raising Unauthorized
 
 
 class Connection:
@@ -89,18 +92,30 @@ class Connection:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the connection until it closes; then hand back every job it held."""
+    async def run(self, first: Mapping[str, Any] | None = None) -> None:
+        """Serve the connection until it closes; then hand back every job it held.
+
+        Args:
+            first: a frame to handle before reading any, e.g. the implicit subscribe of ``/ws/{queue}``.
+        """
         self.hub.connected(self)
         writer = asyncio.create_task(self._write_loop(), name="presque-ws-writer")
         try:
+            if first is not None:
+                for cmd in self.session.receive_object(first):
+                    await self._execute(cmd)
+                self._output.set()
             await self._read_loop()
+            if self.session.close_code is not None:
+                # Let the writer flush the last frames (an error, ``shutdown``); it then closes.
+                self._output.set()
+                with contextlib.suppress(TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(writer), FLUSH_TIMEOUT)
         except Exception:
             log.exception("connection failed")
         finally:
-            await self.hub.disconnected(self)
-            leases = self.session.close()
-            await self._release(leases)
+            self.hub.disconnected(self)
+            await self._release(self.session.close())
             for task in list(self._tasks):
                 task.cancel()
             writer.cancel()
@@ -110,8 +125,9 @@ class Connection:
             self._closed.set()
 
     async def shut_down(self, timeout: float = 5.0) -> None:
-        """Graceful broker shutdown: send ``shutdown``, close with 1001, wait for the leases to return."""
+        """Graceful broker shutdown: ``shutdown`` frame, every held job returned, then close 1001."""
         self.session.shutdown()
+        await self._release(self.session.close())
         self._output.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closed.wait(), timeout)
@@ -121,16 +137,13 @@ class Connection:
         for lease in leases:
             by_queue.setdefault(lease.queue, []).append((lease.id, lease.token))
         for queue, items in by_queue.items():
-            try:
-                await self.runtime.queues.release(queue, items)
-            except (RedisError, OSError) as exc:
-                log.warning("could not return %d jobs to %s (their leases will expire): %s", len(items), queue, exc)
+            await self.hub.release(queue, items)
 
     async def _close_socket(self) -> None:
         if self._socket_closed:
             return
         self._socket_closed = True
-        code = int(self.session.close_code or 1000)
+        code = int(self.session.close_code or CloseCode.NORMAL)
         with contextlib.suppress(Exception):
             await self.ws.close(code, self.session.close_reason or None)
 
@@ -146,28 +159,34 @@ class Connection:
             try:
                 message = await asyncio.wait_for(self.ws.receive(), self._idle_limit())
             except TimeoutError:
-                self.session.start_close(1000, "idle")  # type: ignore[arg-type]
-                break
+                self.session.start_close(CloseCode.NORMAL, "idle timeout")
+                return
             if message["type"] == "websocket.disconnect":
                 self._socket_closed = True
-                break
+                return
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
             for cmd in self.session.receive(data):
                 await self._execute(cmd)
             self._output.set()
-        # Let the writer flush the last frames (an error, ``shutdown``) before the socket closes.
-        await self._drain_output()
-
-    async def _drain_output(self, timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        while (self.session.send_backlog or self._output.is_set()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
 
     # -- executing commands ------------------------------------------------------------------------
 
     async def _execute(self, cmd: Command) -> None:
+        match cmd:
+            case Ack() | Nack():
+                self.hub.credit_returned(cmd.queue)
+                await self._spawn(cmd, self._settle(cmd))
+            case Push() | PushBatch() | Touch() | Progress() | Publish():
+                await self._spawn(cmd, self._run_command(cmd))
+            case Auth():
+                self._authenticate(cmd)
+            case _:
+                # State changes the next frame depends on: done before it is read.
+                await self._guarded(cmd, self._change(cmd))
+
+    async def _change(self, cmd: Command) -> None:
         match cmd:
             case Subscribe():
                 await self.runtime.queues.remember(cmd.queue)
@@ -181,7 +200,7 @@ class Connection:
                 await self.hub.listen(self, cmd.channel)
                 self.session.command_done(cmd)
             case Unlisten():
-                await self.hub.unlisten(self, cmd.channel)
+                self.hub.unlisten(self, cmd.channel)
                 self.session.command_done(cmd)
             case Watch() if cmd.topic is Topic.STATS:
                 self.session.command_done(cmd)
@@ -193,19 +212,14 @@ class Connection:
                 self.hub.unwatch_stats(self)
                 self.session.command_done(cmd)
             case Unwatch():
-                await self.hub.unwatch_events(self, cmd.queue)
+                self.hub.unwatch_events(self, cmd.queue)
                 self.session.command_done(cmd)
-            case Auth():
-                await self._authenticate(cmd)
-            case Ack() | Nack():
-                self.hub.credit_returned(cmd.queue)
-                await self._spawn(cmd, self._settle(cmd))
-            case _:
-                await self._spawn(cmd, self._run_command(cmd))
+            case _:  # pragma: no cover - every op is matched here or in _execute
+                raise AssertionError(f"unhandled command {cmd!r}")
 
-    async def _authenticate(self, cmd: Auth) -> None:
+    def _authenticate(self, cmd: Auth) -> None:
         try:
-            authorize: Authorize | None = self._check_token(cmd.token) if self._check_token else None
+            authorize = self._check_token(cmd.token) if self._check_token else None
         except BrokerError as exc:
             self.session.command_raised(cmd, exc)
             return
@@ -213,11 +227,11 @@ class Connection:
 
     async def _spawn(self, cmd: Command, work: Awaitable[None]) -> None:
         await self._pending.acquire()
-        task = asyncio.create_task(self._guarded(cmd, work))
+        task = asyncio.create_task(self._guarded(cmd, work, self._pending.release))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guarded(self, cmd: Command, work: Awaitable[None]) -> None:
+    async def _guarded(self, cmd: Command, work: Awaitable[None], done: Callable[[], None] | None = None) -> None:
         try:
             await work
         except BrokerError as exc:
@@ -230,7 +244,8 @@ class Connection:
             log.exception("command %s failed", type(cmd).__name__)
             self.session.command_failed(cmd, ErrorCode.INTERNAL, "internal error")
         finally:
-            self._pending.release()
+            if done is not None:
+                done()
             self._output.set()
 
     async def _settle(self, cmd: Ack | Nack) -> None:
@@ -258,7 +273,6 @@ class Connection:
                 )
                 job_id = await self.runtime.push(cmd.queue, cmd.body_json, opts)
                 self.session.command_done(cmd, job_id)
-                self.hub.emit_events(cmd.queue, [(job_id, "pushed", None)])
             case PushBatch():
                 defaults = PushOptions(
                     priority=self.runtime.settings.queues.default_priority,
@@ -299,8 +313,8 @@ class Connection:
         if self.session.event(queue, job_id, event, data):
             self._output.set()
 
-    def relay_stats(self, snapshot: bytes) -> None:
-        if self.session.stats(snapshot):
+    def relay_stats(self, snapshot: bytes, queue: str | None) -> None:
+        if self.session.stats(snapshot, queue):
             self._output.set()
 
     def tell_unavailable(self) -> None:
@@ -312,20 +326,24 @@ class Connection:
 
     async def _write_loop(self) -> None:
         limit = self.session.limits.send_buffer
+        # Whether the backlog reached the limit since the last time it drained below: the feeds saw
+        # no credit then, and must hear when it comes back. The backlog only grows between two
+        # writes, so its peak is what it is just before a write is subtracted.
+        throttled = False
         while True:
             await self._output.wait()
             self._output.clear()
             frames = self.session.data_to_send()
-            if frames:
-                backlog = sum(len(f) for f in frames)
-                paused = backlog >= limit
+            backlog = sum(len(f) for f in frames)
+            self.session.set_send_backlog(backlog)
+            for frame in frames:
+                await self.ws.send({"type": "websocket.send", "text": frame.decode()})
+                throttled = throttled or self.session.send_backlog >= limit
+                backlog -= len(frame)
                 self.session.set_send_backlog(backlog)
-                for frame in frames:
-                    await self.ws.send({"type": "websocket.send", "text": frame.decode()})
-                    backlog -= len(frame)
-                    self.session.set_send_backlog(backlog)
-                if paused:
-                    self.hub.all_credit_returned(self)
+            if throttled and self.session.send_backlog < limit:
+                throttled = False
+                self.hub.all_credit_returned(self)
             if self.session.close_code is not None and not self.session.send_backlog:
                 await self._close_socket()
                 return

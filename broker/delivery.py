@@ -1,14 +1,14 @@
-"""Delivery: pushes jobs to this process's WebSocket consumers the moment they exist.
+"""DeliveryHub: this process's WebSocket side — connections, queue feeds, channels, events, stats.
 
-One :class:`QueueFeed` per queue with local subscribers. It asks every subscribed connection
-how much credit it has, takes that many jobs from Redis in one script call (leased for manual
-ack, destructively for auto ack), and deals them out round-robin. When the queue is empty it
-waits — on the queue's pub/sub wake-up channel, on credit coming back (acks, drained sockets),
-or on a timer for the next delayed job — never in a polling loop. Each process takes only what
-its own consumers can hold, so several processes share a queue without a coordinator.
+One hub per broker process (``runtime.delivery``). It starts a :class:`~broker.feed.QueueFeed` per
+queue with local subscribers, fans broadcast channels, job events and the stats feed out to the
+connections that asked for them, publishes the figures of the process's heartbeat and shuts the
+WebSockets down gracefully.
 
-:class:`DeliveryHub` is the per-process registry: connections, queue feeds, broadcast channels,
-job-event and stats fan-out, and the figures the process publishes in its heartbeat.
+Job events travel over one Redis channel (``presque:events:*``) and are published only while
+someone, on any process, watches the queue (or every queue): each process learns who watches
+what from the ``presque:watched`` hash (refreshed by the heartbeat) and, at once, from a message
+on the control channel when a watch starts.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import orjson
 from redis.exceptions import RedisError
 
 from broker import keys
-from broker.frames import AckMode, Lease, Topic
-from broker.models import PushOptions, dumps
+from broker.feed import QueueFeed
+from broker.frames import Lease, Topic
+from broker.models import dumps
 from broker.stats import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -34,160 +35,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presque.delivery")
 
-MAX_FETCH = 200  # jobs per script call: bounds one call's time in Redis and its reply size
-SAFETY_WAKE = 5.0  # an idle feed looks again this often even if no wake-up arrived
-RETRY_PAUSE = 0.5  # after a Redis error, before trying again
-LIMIT_WAIT = 0.25  # max_inflight reached and no wake-up: look again after this
-WATCH_TTL = 10.0  # an advertised event watch lasts this long unless refreshed
+ALL = "*"  # the name of "every queue" in event watches
+EVENTS_CHANNEL = keys.events_channel(ALL)
+WATCH_TTL = 10.0  # an advertised event watch lasts this long unless refreshed by the heartbeat
+RELEASE_TIMEOUT = 5.0  # shutdown: how long background releases may take
 
-
-class QueueFeed:
-    """Delivers one queue's jobs to the local connections subscribed to it."""
-
-    def __init__(self, hub: DeliveryHub, queue: str) -> None:
-        self.hub = hub
-        self.queue = queue
-        self.connections: list[Connection] = []
-        self.latency = LatencyHistogram()
-        self._wake = asyncio.Event()
-        self._next_run_at: float | None = None
-        self._rotation = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"presque-feed-{self.queue}")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    def wake(self) -> None:
-        """Look at the queue again soon (credit came back, new work, or a reconnect)."""
-        self._wake.set()
-
-    def _on_wake(self, payload: bytes | None) -> None:
-        # Payload "0": ready work; a number: a delayed job that will be ready at that time.
-        if payload and payload != b"0":
-            with contextlib.suppress(ValueError):
-                run_at = float(payload)
-                if self._next_run_at is None or run_at < self._next_run_at:
-                    self._next_run_at = run_at
-        self._wake.set()
-
-    async def _run(self) -> None:
-        channel = keys.wake_channel(self.queue)
-        await self.hub.runtime.notifier.subscribe(channel, self._on_wake)
-        try:
-            while self.connections:
-                self._wake.clear()
-                try:
-                    delivered, wait = await self._deliver_once()
-                except (RedisError, OSError) as exc:
-                    log.warning("delivery on %s paused: redis unavailable (%s)", self.queue, exc)
-                    self.hub.tell_unavailable(self.connections)
-                    delivered, wait = False, RETRY_PAUSE
-                if delivered:
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-        finally:
-            await self.hub.runtime.notifier.unsubscribe(channel, self._on_wake)
-
-    async def _deliver_once(self) -> tuple[bool, float]:
-        """One fetch for the connections with credit. Returns (delivered anything, how long to wait)."""
-        wanted: dict[tuple[bool, float], int] = {}
-        for conn in self.connections:
-            sub = conn.session.subscriptions.get(self.queue)
-            credit = conn.session.credit(self.queue)
-            if sub is None or credit <= 0:
-                continue
-            manual = sub.ack_mode is AckMode.MANUAL
-            group = (manual, sub.lease if manual else 0.0)
-            wanted[group] = wanted.get(group, 0) + credit
-        if not wanted:
-            return False, SAFETY_WAKE
-        delivered = False
-        wait = SAFETY_WAKE
-        for (manual, lease), count in wanted.items():
-            result = await self.hub.runtime.queues.fetch(self.queue, count=min(count, MAX_FETCH), lease=lease)
-            if result.jobs:
-                delivered = True
-                self._deal(result.jobs, manual)
-                continue
-            if result.paused:
-                continue  # resume publishes a wake-up
-            if result.limited:
-                wait = min(wait, result.retry_in if result.retry_in is not None else LIMIT_WAIT)
-            elif not result.empty:
-                delivered = True  # every job popped had expired: look again at once
-            if result.next_run_at is not None:
-                self._next_run_at = min(self._next_run_at or result.next_run_at, result.next_run_at)
-        if self._next_run_at is not None:
-            until = self._next_run_at - time.time()
-            if until <= 0:
-                self._next_run_at = None
-                return True, 0.0
-            wait = min(wait, until + 0.001)
-        return delivered, wait
-
-    def _deal(self, jobs: list[Any], manual: bool) -> None:
-        """Hand jobs out round-robin to the connections with credit; give back what none took."""
-        conns = [c for c in self.connections if self._takes(c, manual)]
-        leftovers: list[Lease] = []
-        orphans: list[bytes] = []
-        events: list[tuple[str, str, bytes | None]] = []
-        for job in jobs:
-            self.latency.record(job.latency)
-            taken = False
-            for _ in range(len(conns)):
-                conn = conns[self._rotation % len(conns)]
-                self._rotation += 1
-                if conn.session.credit(self.queue) > 0 and conn.deliver(job):
-                    taken = True
-                    break
-            if taken:
-                events.append((job.id, "delivered", dumps({"attempt": job.attempt})))
-            elif job.token:
-                leftovers.append(Lease(self.queue, job.id, job.token))
-            else:
-                orphans.append(job.body)
-        if leftovers:
-            self.hub.release_soon(self.queue, leftovers)
-        if orphans:
-            # Taken destructively for an auto-ack consumer that went away meanwhile (a rare
-            # race): push the bodies back rather than lose them.
-            self.hub.spawn(self.hub.runtime.queues.push_many(self.queue, [(b, PushOptions()) for b in orphans]))
-        if events:
-            self.hub.emit_events(self.queue, events)
-
-    def _takes(self, conn: Connection, manual: bool) -> bool:
-        sub = conn.session.subscriptions.get(self.queue)
-        return sub is not None and (sub.ack_mode is AckMode.MANUAL) == manual
+EventItem = tuple[str, str, bytes | None]  # job id, event, data (JSON) or None
 
 
 class DeliveryHub:
-    """This process's WebSocket side: connections, queue feeds, channels, events and stats."""
+    """The WebSocket side of one broker process.
+
+    Args:
+        runtime: the process's runtime (Redis, queue service, notifier, stats).
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.connections: set[Connection] = set()
         self.feeds: dict[str, QueueFeed] = {}
-        self._channels: dict[str, set[Connection]] = {}
-        self._event_watchers: dict[str, set[Connection]] = {}  # queue or "*" -> connections
-        self._stats_watchers: set[Connection] = set()
-        self._relays: dict[str, Callable[[bytes | None], None]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._watched: set[str] = set()  # queues (or "*") someone watches, on any process
-        self._stats_task: asyncio.Task[None] | None = None
         self.shutting_down = False
+        self._channels: dict[str, set[Connection]] = {}
+        self._relays: dict[str, Callable[[bytes | None], None]] = {}
+        self._event_watchers: dict[str, set[Connection]] = {}  # queue or ALL -> connections
+        self._watched: set[str] = set()  # queues (or ALL) someone watches, on any process
+        self._event_buffer: list[bytes] = []
+        self._flushing_events = False
+        self._stats_watchers: set[Connection] = set()
+        self._stats_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shutdown: asyncio.Future[None] | None = None
+        runtime.notifier.on_control(self._on_control)
 
     # -- background helpers -------------------------------------------------------------------------
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` in the background, keeping a reference until it is done."""
-        task = asyncio.create_task(coro)
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -195,24 +79,41 @@ class DeliveryHub:
         """Return jobs to their queue at once (not a failure); errors leave them to lease expiry."""
         items = [(lease.id, lease.token) for lease in leases]
         if items:
-            self.spawn(self._release(queue, items))
+            self.spawn(self.release(queue, items))
 
-    async def _release(self, queue: str, items: list[tuple[str, str]]) -> None:
+    async def release(self, queue: str, items: list[tuple[str, str]]) -> None:
+        """Return leased jobs to ``queue`` now; on a Redis error their leases will expire instead."""
         try:
             await self.runtime.queues.release(queue, items)
         except (RedisError, OSError) as exc:
-            log.warning("could not release %d jobs of %s (lease expiry will return them): %s", len(items), queue, exc)
+            log.warning("could not return %d jobs to %s (their leases will expire): %s", len(items), queue, exc)
 
     def tell_unavailable(self, connections: Iterable[Connection]) -> None:
-        for conn in connections:
+        for conn in list(connections):
             conn.tell_unavailable()
 
-    # -- subscriptions ------------------------------------------------------------------------------
+    # -- connections and subscriptions ---------------------------------------------------------------
+
+    def connected(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    def disconnected(self, conn: Connection) -> None:
+        """Forget ``conn`` everywhere (its held jobs are the connection's to release)."""
+        self.connections.discard(conn)
+        for queue in list(conn.session.subscriptions):
+            self.unsubscribed(conn, queue)
+        for channel in list(self._channels):
+            self.unlisten(conn, channel)
+        for name in list(self._event_watchers):
+            self._drop_event_watcher(conn, name)
+        self._stats_watchers.discard(conn)
 
     def subscribed(self, conn: Connection, queue: str) -> None:
-        """``conn`` now has a confirmed subscription to ``queue``: start or wake its feed."""
+        """``conn`` has a confirmed subscription to ``queue``: start or wake its feed."""
+        if self.shutting_down:
+            return
         feed = self.feeds.get(queue)
-        if feed is None or feed._task is None or feed._task.done():
+        if feed is None or not feed.running:
             feed = self.feeds[queue] = QueueFeed(self, queue)
             feed.connections.append(conn)
             feed.start()
@@ -233,31 +134,31 @@ class DeliveryHub:
     def credit_returned(self, queue: str) -> None:
         feed = self.feeds.get(queue)
         if feed is not None:
-            feed.wake()
+            feed.credit_returned()
 
     def all_credit_returned(self, conn: Connection) -> None:
         for queue in conn.session.subscriptions:
             self.credit_returned(queue)
 
-    # -- broadcast channels -------------------------------------------------------------------------
+    # -- broadcast channels ---------------------------------------------------------------------------
 
     async def listen(self, conn: Connection, channel: str) -> None:
         members = self._channels.setdefault(channel, set())
         members.add(conn)
-        if len(members) == 1:
-            await self.runtime.notifier.subscribe(keys.message_channel(channel), self._relay(channel))
+        if channel not in self._relays:
+            relay = self._relays[channel] = self._relay(channel)
+            await self.runtime.notifier.subscribe(keys.message_channel(channel), relay)
 
     def _relay(self, channel: str) -> Callable[[bytes | None], None]:
         def relay(payload: bytes | None) -> None:
-            if payload is None:
+            if payload is None:  # the pub/sub connection came back: nothing to re-send
                 return
             for conn in list(self._channels.get(channel, ())):
                 conn.relay_message(channel, payload)
 
-        self._relays[channel] = relay
         return relay
 
-    async def unlisten(self, conn: Connection, channel: str) -> None:
+    def unlisten(self, conn: Connection, channel: str) -> None:
         members = self._channels.get(channel)
         if not members or conn not in members:
             return
@@ -266,47 +167,68 @@ class DeliveryHub:
             del self._channels[channel]
             relay = self._relays.pop(channel, None)
             if relay is not None:
-                await self.runtime.notifier.unsubscribe(keys.message_channel(channel), relay)
+                self.spawn(self.runtime.notifier.unsubscribe(keys.message_channel(channel), relay))
 
     async def publish(self, channel: str, data_json: bytes) -> None:
         await self.runtime.redis.publish(keys.message_channel(channel), data_json)
 
-    # -- job events ----------------------------------------------------------------------------------
+    # -- job events ------------------------------------------------------------------------------------
 
     async def watch_events(self, conn: Connection, queue: str | None) -> None:
-        name = queue or "*"
+        """Start relaying ``queue``'s events (every queue's if None) to ``conn``, from every process."""
+        name = queue or ALL
+        first_anywhere = not self._event_watchers
         members = self._event_watchers.setdefault(name, set())
         members.add(conn)
-        if len(members) == 1:
-            await self.runtime.notifier.subscribe(keys.events_channel(name), self._on_events)
-            await self._advertise_watches()
+        if first_anywhere:
+            await self.runtime.notifier.subscribe(EVENTS_CHANNEL, self._on_events)
+        if name not in self._watched:
+            self._watched.add(name)  # this process emits at once; the others hear it below
+            with contextlib.suppress(RedisError, OSError):
+                await self._advertise_watches()
+                await self.runtime.redis.publish(keys.CONTROL_CHANNEL, dumps({"watch": name}))
 
-    async def unwatch_events(self, conn: Connection, queue: str | None) -> None:
-        name = queue or "*"
+    def unwatch_events(self, conn: Connection, queue: str | None) -> None:
+        self._drop_event_watcher(conn, queue or ALL)
+
+    def _drop_event_watcher(self, conn: Connection, name: str) -> None:
         members = self._event_watchers.get(name)
         if not members or conn not in members:
             return
         members.discard(conn)
         if not members:
             del self._event_watchers[name]
-            await self.runtime.notifier.unsubscribe(keys.events_channel(name), self._on_events)
+        if not self._event_watchers:
+            self.spawn(self.runtime.notifier.unsubscribe(EVENTS_CHANNEL, self._on_events))
 
     def _on_events(self, payload: bytes | None) -> None:
         if payload is None:
             return
         batch = orjson.loads(payload)
         queue = batch["queue"]
-        for conn in list(self._event_watchers.get(queue, ())) + list(self._event_watchers.get("*", ())):
+        conns = self._event_watchers.get(queue, set()) | self._event_watchers.get(ALL, set())
+        for conn in conns:
             for job_id, event, data in batch["events"]:
-                conn.relay_event(queue, job_id, event, dumps(data) if data is not None else None)
+                conn.relay_event(queue, job_id, event, None if data is None else dumps(data))
+
+    def _on_control(self, payload: bytes | None) -> None:
+        if payload is None:  # the pub/sub connection came back: we may have missed announcements
+            self.spawn(self._refresh_quietly())
+            return
+        with contextlib.suppress(ValueError, AttributeError):
+            name = orjson.loads(payload).get("watch")
+            if isinstance(name, str):
+                self._watched.add(name)
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.refresh_watched()
 
     async def _advertise_watches(self) -> None:
-        """Tell every process which queues are watched (so they publish events), for 10 s."""
+        """Tell every process which queues are watched here (so they publish events), for a while."""
         expires = time.time() + WATCH_TTL
-        names = list(self._event_watchers)
-        if names:
-            with contextlib.suppress(RedisError, OSError):
-                await self.runtime.redis.hset(keys.WATCHED, mapping={n: str(expires) for n in names})
+        if self._event_watchers:
+            await self.runtime.redis.hset(keys.WATCHED, mapping={n: str(expires) for n in self._event_watchers})
 
     async def refresh_watched(self) -> None:
         """Re-advertise our watches and learn everyone's (called by the heartbeat)."""
@@ -315,30 +237,41 @@ class DeliveryHub:
         now = time.time()
         watched, stale = set(), []
         for name, expires in raw.items():
-            text = name.decode() if isinstance(name, bytes) else name
             if float(expires) > now:
-                watched.add(text)
+                watched.add(name.decode() if isinstance(name, bytes) else name)
             else:
                 stale.append(name)
         if stale:
             await self.runtime.redis.hdel(keys.WATCHED, *stale)
-        self._watched = watched
+        self._watched = watched | set(self._event_watchers)
 
-    def emit_events(self, queue: str, events: list[tuple[str, str, bytes | None]]) -> None:
-        """Publish job lifecycle events, only while someone (on any process) watches the queue."""
-        if queue not in self._watched and "*" not in self._watched:
+    def emit_events(self, queue: str, events: list[EventItem]) -> None:
+        """Publish job lifecycle events, only while someone (on any process) watches the queue.
+
+        Events of one process reach the channel in the order they were emitted.
+        """
+        if queue not in self._watched and ALL not in self._watched:
             return
-        items = [(job_id, event, orjson.loads(data) if data is not None else None) for job_id, event, data in events]
-        payload = dumps({"queue": queue, "events": items})
-        for name in (queue, "*"):
-            if name in self._watched:
-                self.spawn(self._publish_quietly(keys.events_channel(name), payload))
+        items = [(job_id, event, None if data is None else orjson.Fragment(data)) for job_id, event, data in events]
+        self._event_buffer.append(dumps({"queue": queue, "events": items}))
+        if not self._flushing_events:
+            self._flushing_events = True
+            self.spawn(self._flush_events())
 
-    async def _publish_quietly(self, channel: str, payload: bytes) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.runtime.redis.publish(channel, payload)
+    async def _flush_events(self) -> None:
+        # One publisher at a time, in order: separate publish calls could overtake each other.
+        try:
+            while self._event_buffer:
+                batch, self._event_buffer = self._event_buffer, []
+                pipe = self.runtime.redis.pipeline(transaction=False)
+                for payload in batch:
+                    pipe.publish(EVENTS_CHANNEL, payload)
+                with contextlib.suppress(RedisError, OSError):
+                    await pipe.execute()
+        finally:
+            self._flushing_events = False
 
-    # -- stats feed ----------------------------------------------------------------------------------
+    # -- stats feed ------------------------------------------------------------------------------------
 
     def watch_stats(self, conn: Connection) -> None:
         self._stats_watchers.add(conn)
@@ -346,37 +279,38 @@ class DeliveryHub:
             self._stats_task = asyncio.create_task(self._stats_loop(), name="presque-stats-feed")
 
     def unwatch_stats(self, conn: Connection) -> None:
-        self._stats_watchers.discard(conn)
+        """Stop the feed to ``conn`` once it watches no stats topic any more."""
+        if not any(topic is Topic.STATS for topic, _ in conn.session.watches):
+            self._stats_watchers.discard(conn)
 
     async def _stats_loop(self) -> None:
         interval = self.runtime.settings.websocket.stats_interval
-        while self._stats_watchers:
+        while self._stats_watchers and not self.shutting_down:
             try:
-                snapshot = dumps(await self.runtime.stats.snapshot())
+                self._relay_stats(await self.runtime.stats.snapshot())
             except (RedisError, OSError) as exc:
                 log.debug("stats snapshot failed: %s", exc)
                 self.tell_unavailable(self._stats_watchers)
-            else:
-                for conn in list(self._stats_watchers):
-                    conn.relay_stats(snapshot)
+            except Exception:
+                log.exception("stats feed failed")
             await asyncio.sleep(interval)
 
-    # -- connections and figures ---------------------------------------------------------------------
+    def _relay_stats(self, snapshot: dict[str, Any]) -> None:
+        full = dumps(snapshot)
+        per_queue: dict[str, bytes] = {}
+        for conn in list(self._stats_watchers):
+            for topic, queue in conn.session.watches:
+                if topic is not Topic.STATS:
+                    continue
+                if queue is None:
+                    conn.relay_stats(full, None)
+                    continue
+                if queue not in per_queue:
+                    entry = snapshot["queues"].get(queue)
+                    per_queue[queue] = dumps({**snapshot, "queues": {queue: entry} if entry else {}})
+                conn.relay_stats(per_queue[queue], queue)
 
-    def connected(self, conn: Connection) -> None:
-        self.connections.add(conn)
-
-    async def disconnected(self, conn: Connection) -> None:
-        """Forget ``conn`` everywhere; its in-flight jobs are released by the connection."""
-        self.connections.discard(conn)
-        for queue in list(conn.session.subscriptions):
-            self.unsubscribed(conn, queue)
-        for channel in list(conn.session.channels):
-            await self.unlisten(conn, channel)
-        for topic, watched in list(conn.session.watches):
-            if topic is Topic.EVENTS:
-                await self.unwatch_events(conn, watched)
-        self.unwatch_stats(conn)
+    # -- figures and shutdown --------------------------------------------------------------------------
 
     def figures(self) -> dict[str, Any]:
         """What this process reports in its heartbeat: connections, consumers, latency."""
@@ -394,12 +328,21 @@ class DeliveryHub:
             feed.latency = LatencyHistogram()
 
     async def shutdown(self) -> None:
-        """Graceful stop: no more deliveries, ``shutdown`` frames, every lease returned, close 1001."""
+        """Graceful stop: no more deliveries, ``shutdown`` frames, every lease returned, close 1001.
+
+        Idempotent: ``presque serve`` calls it on SIGTERM, the app's lifespan again on exit.
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._shut_down())
+        await asyncio.shield(self._shutdown)
+
+    async def _shut_down(self) -> None:
         self.shutting_down = True
+        # Feeds first: the fetch in progress finishes and its jobs reach a session (then returned
+        # with that session's) or go straight back; no fetch starts after this.
+        await asyncio.gather(*(feed.close() for feed in list(self.feeds.values())), return_exceptions=True)
         await asyncio.gather(*(conn.shut_down() for conn in list(self.connections)), return_exceptions=True)
-        for feed in list(self.feeds.values()):
-            await feed.stop()
         if self._stats_task is not None:
             self._stats_task.cancel()
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+            await asyncio.wait(list(self._tasks), timeout=RELEASE_TIMEOUT)

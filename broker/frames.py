@@ -47,6 +47,7 @@ class ErrorCode(StrEnum):
 class CloseCode(IntEnum):
     """WebSocket close codes the broker uses (RFC 6455 section 7.4)."""
 
+    NORMAL = 1000  # idle timeout
     GOING_AWAY = 1001  # graceful shutdown
     POLICY_VIOLATION = 1008  # abuse: too many consecutive protocol errors
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame

@@ -18,6 +18,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from broker import keys
+
 log = logging.getLogger("presque.notify")
 
 PING_EVERY = 5.0
@@ -60,6 +62,13 @@ class Notifier:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def on_control(self, listener: Listener) -> None:
+        """Add ``listener`` to the broker-wide control channel, which every process always receives.
+
+        Synchronous: the control channel is subscribed on every (re)connection anyway.
+        """
+        self._listeners.setdefault(keys.CONTROL_CHANNEL, []).append(listener)
 
     async def subscribe(self, channel: str, listener: Listener, *, timeout: float = 5.0) -> None:
         """Add ``listener`` to ``channel``; returns once Redis has confirmed the subscription.
@@ -118,7 +127,7 @@ class Notifier:
         self._pubsub = self.redis.pubsub()
         # A connection-level subscription keeps the connection in pub/sub mode even before any
         # queue is listened to, and gives a first confirmation to know we are live.
-        channels = [*self._listeners, "presque:control"]
+        channels = list(dict.fromkeys([*self._listeners, keys.CONTROL_CHANNEL]))
         for channel in self._listeners:
             self._confirmed[channel] = self._confirmed.get(channel) or asyncio.get_running_loop().create_future()
         await self._pubsub.subscribe(*channels)

@@ -87,7 +87,9 @@ class Runtime:
 
     async def push(self, queue: str, body: bytes, opts: PushOptions, *, count_failure: bool = False) -> str:
         """Push one job; concurrent pushes to a queue share one Redis call. Raises JobExists."""
-        return await self.pusher.submit(f"{int(count_failure)}{queue}", (body, opts, count_failure))
+        job_id = await self.pusher.submit(f"{int(count_failure)}{queue}", (body, opts, count_failure))
+        self.delivery.emit_events(queue, [(job_id, "pushed", None)])
+        return job_id
 
     async def _flush_pushes(self, key: str, items: Sequence[PushItem]) -> list[str | BaseException]:
         queue, count_failure = key[1:], key[0] == "1"

@@ -12,9 +12,10 @@ import hmac
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from starlette.routing import WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from broker.asyncapi import asyncapi_json
 from broker.config import AuthToken, Settings
 from broker.connection import Connection
 from broker.errors import Unauthorized
@@ -103,11 +104,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         hub, websocket, session, check_token=check_token, idle_timeout=settings.websocket.idle_timeout
     )
     queue = websocket.path_params.get("queue")
-    if queue is not None:
-        for cmd in session.receive_object({"op": "subscribe", "queue": queue}):
-            await connection._execute(cmd)
-    await connection.run()
+    await connection.run(None if queue is None else {"op": "subscribe", "queue": queue})
 
 
-def websocket_routes() -> list[WebSocketRoute]:
-    return [WebSocketRoute("/ws", websocket_endpoint), WebSocketRoute("/ws/{queue}", websocket_endpoint)]
+def websocket_routes() -> list[BaseRoute]:
+    """``/ws``, ``/ws/{queue}`` and the AsyncAPI document of their frames, ``/asyncapi.json``."""
+    return [
+        WebSocketRoute("/ws", websocket_endpoint),
+        WebSocketRoute("/ws/{queue}", websocket_endpoint),
+        Route("/asyncapi.json", asyncapi_json, methods=["GET"]),
+    ]

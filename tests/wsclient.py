@@ -1,0 +1,115 @@
+"""A small WebSocket test client on ``websockets``: JSON frames, refs, and waiting with deadlines.
+
+Frames that arrive while a test waits for another one are kept (``stash``) and returned by later
+waits, so a test can ask for "the reply to s1" without losing the jobs that came before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+Frame = dict[str, Any]
+Match = str | Callable[[Frame], bool]
+
+
+def _matcher(match: Match) -> Callable[[Frame], bool]:
+    if isinstance(match, str):
+        return lambda frame: frame.get("op") == match
+    return match
+
+
+class WsClient:
+    """One connection. Use :func:`ws_connect` to open it."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.stash: list[Frame] = []
+        self.received: list[tuple[float, Frame]] = []  # every frame, with its monotonic arrival time
+        self._refs = itertools.count(1)
+
+    async def send(self, frame: Frame | str | bytes) -> None:
+        if isinstance(frame, dict):
+            frame = orjson.dumps(frame).decode()
+        await self.conn.send(frame)
+
+    async def _read(self, timeout: float) -> Frame:
+        raw = await asyncio.wait_for(self.conn.recv(), timeout)
+        frame: Frame = orjson.loads(raw)
+        self.received.append((time.monotonic(), frame))
+        return frame
+
+    async def expect(self, match: Match = lambda f: True, timeout: float = 5.0) -> Frame:
+        """The first frame (stashed or new) that matches; the others are stashed.
+
+        Raises:
+            TimeoutError: none within ``timeout`` (the message lists what did arrive).
+        """
+        test = _matcher(match)
+        for i, frame in enumerate(self.stash):
+            if test(frame):
+                return self.stash.pop(i)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                frame = await self._read(remaining)
+            except TimeoutError:
+                raise TimeoutError(f"no matching frame within {timeout}s; stashed: {self.stash[-5:]}") from None
+            if test(frame):
+                return frame
+            self.stash.append(frame)
+
+    async def silent(self, match: Match, within: float) -> bool:
+        """True if no frame matching ``match`` arrives (or is stashed) within ``within`` seconds."""
+        try:
+            await self.expect(match, within)
+        except TimeoutError:
+            return True
+        return False
+
+    async def call(self, op: str, timeout: float = 5.0, **fields: Any) -> Frame:
+        """Send ``op`` with a fresh ref and return the reply carrying that ref."""
+        ref = f"r{next(self._refs)}"
+        await self.send({"op": op, "ref": ref, **fields})
+        return await self.expect(lambda f: f.get("ref") == ref, timeout)
+
+    async def jobs(self, count: int, timeout: float = 5.0, queue: str | None = None) -> list[Frame]:
+        """The next ``count`` job frames (of ``queue`` if given)."""
+        return [
+            await self.expect(lambda f: f.get("op") == "job" and queue in (None, f["queue"]), timeout)
+            for _ in range(count)
+        ]
+
+    async def ack(self, job: Frame, **fields: Any) -> None:
+        await self.send({"op": "ack", "id": job["id"], "token": job["token"], **fields})
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Read (and stash) frames until the server closes; return the close code."""
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"connection still open after {timeout}s")
+                self.stash.append(await self._read(remaining))
+        return self.conn.close_code
+
+
+@contextlib.asynccontextmanager
+async def ws_connect(url: str, **kwargs: Any) -> AsyncIterator[WsClient]:
+    """Open a :class:`WsClient` (``websockets.connect`` arguments pass through)."""
+    kwargs.setdefault("open_timeout", 5)
+    kwargs.setdefault("close_timeout", 2)
+    async with connect(url, **kwargs) as conn:
+        yield WsClient(conn)
