@@ -18,12 +18,15 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from broker import http, openapi
+from broker.auth import AccessMiddleware, auth_routes, redacted_logs
 from broker.config import Settings
 from broker.errors import BrokerError, Unavailable
 from broker.models import dumps
@@ -81,32 +84,34 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        embedded: EmbeddedRedis | None = None
-        url = redis_url
-        if url is None and settings.redis.embedded:
-            embedded = EmbeddedRedis.from_settings(settings.redis)
-            embedded.start()
-            url = embedded.url
-            log.info("embedded redis-server started, data in %s", settings.redis.data_dir)
-        client = create_redis(settings.redis, url)
-        try:
-            await check_redis(client, settings.redis)
-            runtime = Runtime(settings, client)
-            app.state.runtime = runtime
-            await runtime.start()
+        with redacted_logs(settings):
+            embedded: EmbeddedRedis | None = None
+            url = redis_url
+            if url is None and settings.redis.embedded:
+                embedded = EmbeddedRedis.from_settings(settings.redis)
+                embedded.start()
+                url = embedded.url
+                log.info("embedded redis-server started, data in %s", settings.redis.data_dir)
+            client = create_redis(settings.redis, url)
             try:
-                yield
+                await check_redis(client, settings.redis)
+                runtime = Runtime(settings, client)
+                app.state.runtime = runtime
+                await runtime.start()
+                try:
+                    yield
+                finally:
+                    await runtime.stop()
             finally:
-                await runtime.stop()
-        finally:
-            await client.aclose()
-            if embedded is not None:
-                embedded.stop()
+                await client.aclose()
+                if embedded is not None:
+                    embedded.stop()
 
     routes: list[BaseRoute] = [
         *http.routes(),
         *ops_routes(),
         *websocket_routes(),
+        *auth_routes(),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
     web = web_dir or WEB_DIR
@@ -123,8 +128,9 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
         if (web / "examples").is_dir():
             routes.append(Mount("/examples", StaticFiles(directory=web / "examples", html=True), name="examples"))
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
+        middleware=middleware(settings, routes),
         lifespan=lifespan,
         exception_handlers={
             BrokerError: on_broker_error,
@@ -133,3 +139,32 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
             Exception: on_unexpected,
         },
     )
+    app.state.settings = settings
+    app.state.dashboard = web.is_dir()
+    return app
+
+
+# Headers a cross-origin page may send and read (CORS); see docs/security.md.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-presque-workerid")
+CORS_RESPONSE_HEADERS = ("Location", "Retry-After", "X-Presque-Job-Id", "X-Presque-Attempt", "X-Presque-Lease-Token")
+
+
+def middleware(settings: Settings, routes: list[BaseRoute]) -> list[Middleware]:
+    """CORS (outermost, so that preflights and refusals carry its headers), then access control.
+
+    Without ``server.cors_origins`` no CORS header is sent: browsers allow same-origin pages only.
+    """
+    stack = []
+    if settings.server.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.server.cors_origins),
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=list(CORS_REQUEST_HEADERS),
+                expose_headers=list(CORS_RESPONSE_HEADERS),
+                max_age=600,
+            )
+        )
+    stack.append(Middleware(AccessMiddleware, settings=settings, routes=routes))
+    return stack
