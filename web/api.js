@@ -64,3 +64,27 @@ export async function api(method, path, body) {
 
 /** Path segment for a queue name or job id. */
 export const seg = encodeURIComponent;
+
+/** fnmatch-style glob (as the broker's auth globs): `*`, `?`, `[abc]`, `[!abc]`. */
+export function globMatch(glob, name) {
+  let re = '';
+  for (let i = 0; i < glob.length; i++) {
+    const c = glob[i];
+    if (c === '*') re += '.*';
+    else if (c === '?') re += '.';
+    else if (c === '[' && glob.indexOf(']', i + 2) > i) {
+      const end = glob.indexOf(']', i + 2);
+      let set = glob.slice(i + 1, end).replace(/\\/g, '\\\\');
+      if (set[0] === '!') set = '^' + set.slice(1);
+      else if (set[0] === '^') set = '\\' + set;
+      re += `[${set}]`;
+      i = end;
+    } else re += c.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+  }
+  return new RegExp(`^${re}$`, 's').test(name);
+}
+
+/** Whether `roles` (GET /auth's `roles`: {role: [globs]}) grant `role` on `queue`. */
+export function allows(roles, role, queue) {
+  return (roles?.[role] ?? []).some((g) => globMatch(g, queue));
+}

@@ -129,7 +129,7 @@ function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
 
-function chartOptions(kind, width, step) {
+function chartOptions(kind, width, step, window) {
   const axis = { stroke: cssVar('--muted'), grid: { stroke: cssVar('--grid'), width: 1 }, ticks: { show: false } };
   const x = { ...axis, space: step === 1 ? 80 : 60, values: (u, ts) => ts.map((t) => clock(t, step === 1)) };
   const series = (label, color, f) => ({
@@ -147,7 +147,11 @@ function chartOptions(kind, width, step) {
     width,
     height: 180,
     cursor: { drag: { x: false, y: false } },
-    scales: { y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
+    scales: {
+      // Always show the whole range, the data growing in from the right.
+      x: { time: true, range: (u, min, max) => [Math.min(min ?? max, max - window), max] },
+      y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] },
+    },
     axes: [x, y],
     series:
       kind === 'throughput'
@@ -175,7 +179,7 @@ export class Charts {
     for (const kind of ['throughput', 'depth']) {
       const el = this.root.querySelector(`[data-testid="chart-${kind}"]`);
       el.replaceChildren();
-      this.plots[kind] = new window.uPlot(chartOptions(kind, this._width(el), history.step), data[kind], el);
+      this.plots[kind] = new window.uPlot(chartOptions(kind, this._width(el), history.step, history.window), data[kind], el);
     }
   }
 

@@ -1,7 +1,7 @@
 // The presque dashboard: one WebSocket stats feed (no polling) drives every number and chart.
 // Views: the overview (#/) and one queue (#/queue/<name>, see queueview.js).
 
-import { api, getToken, hooks, saveToken } from './api.js';
+import { allows, api, getToken, hooks, saveToken } from './api.js';
 import { Charts, History, RANGES, TOTAL } from './charts.js';
 import * as fmt from './format.js';
 import { Connection } from './presque.js';
@@ -40,6 +40,7 @@ const state = {
   stats: null,
   queue: null, // the queue shown, null on the overview
   range: RANGES[store.get('presque.range')] ? store.get('presque.range') : '15m',
+  roles: null, // GET /auth's roles when auth is on: {role: [globs]}; null = not known to be limited
   denied: new Set(), // queues whose admin actions answered 403
   lastFrameAt: 0,
   statsWatched: false,
@@ -68,7 +69,7 @@ function main() {
   charts = new Charts($('charts'));
   queueView = new QueueView($('view-head'), $('queue-body'), {
     conn,
-    adminDenied: (q) => state.denied.has(q),
+    adminDenied: (q) => state.denied.has(q) || (state.roles != null && !allows(state.roles, 'admin', q)),
     denyAdmin: (q) => state.denied.add(q),
   });
 
@@ -81,6 +82,7 @@ function main() {
   window.addEventListener('hashchange', route);
 
   showRange();
+  loadAuth();
   watchStats();
   conn.open();
   loadHistory();
@@ -101,6 +103,25 @@ function watchStats() {
       else if (err.code !== 'disconnected') notice(`Cannot watch stats: ${err.message}`, 'error');
     },
   );
+}
+
+// What the token may do (GET /auth), so the page hides what it may not instead of failing.
+async function loadAuth() {
+  let me = null;
+  try {
+    me = await api('GET', '/auth');
+  } catch {
+    // an older broker without /auth, or a 401 (the hook asks for a token)
+  }
+  state.roles = me?.auth ? me.roles ?? {} : null;
+  const button = $('token-button');
+  button.hidden = !me?.auth && !getToken();
+  button.textContent = me?.name ? `Token: ${me.name}` : 'Token';
+  if (me?.auth && !me.name) askToken('This broker requires a token.');
+  else if (me?.auth && !allows(me.roles, 'admin', '*')) {
+    notice(`Token “${me.name}” lacks the admin role on every queue (“*”): live stats are not available to it.`, 'error');
+  }
+  queueView.applyAdmin();
 }
 
 function showConnection(connState) {
@@ -148,6 +169,7 @@ function askToken(reason) {
     $('token-button').hidden = !getToken();
     conn.setToken(getToken());
     state.denied.clear();
+    loadAuth();
     watchStats();
     loadHistory();
     if (state.queue) queueView.show(state.queue);
@@ -244,7 +266,7 @@ function renderProcesses(processes) {
   const now = state.stats.ts;
   $('process-rows').replaceChildren(...processes.map((p) => h('tr', { testid: `process-row-${p.id}` },
     h('th', { scope: 'row' }, h('code', {}, p.id)),
-    h('td', { 'data-label': 'Host' }, `${p.host ?? '–'}:${p.pid ?? '–'}`),
+    h('td', { 'data-label': 'Host:pid' }, `${p.host ?? '–'}:${p.pid ?? '–'}`),
     h('td', { 'data-label': 'Up', title: p.started_at ? new Date(p.started_at * 1000).toISOString() : '' },
       fmt.duration(p.started_at != null ? now - p.started_at : null)),
     h('td', { 'data-label': 'Connections', class: 'num' }, num(`process-${p.id}-connections`, p.connections)),
@@ -256,7 +278,7 @@ function renderWorkers(workers) {
   setNum($('workers-count'), workers.length, (v) => `(${v})`);
   $('worker-rows').replaceChildren(...workers.map((w) => h('tr', { testid: `worker-row-${w.id}` },
     h('th', { scope: 'row' }, h('code', {}, w.id)),
-    h('td', { 'data-label': 'Host' }, `${w.host ?? '–'}:${w.pid ?? '–'}`),
+    h('td', { 'data-label': 'Host:pid' }, `${w.host ?? '–'}:${w.pid ?? '–'}`),
     h('td', { 'data-label': 'Queues' }, (w.queues ?? []).join(', ') || '–'),
     h('td', { 'data-label': 'Processed', class: 'num' }, num(`worker-${w.id}-processed`, w.processed)),
     h('td', { 'data-label': 'Failed', class: 'num' }, num(`worker-${w.id}-failed`, w.failed)),

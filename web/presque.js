@@ -199,12 +199,14 @@ export class Connection {
     return this._register(entry, () => this._listens.delete(channel));
   }
 
-  /** Stop calling `handler` (all handlers when omitted). The broker has no unlisten frame. */
+  /** Stop calling `handler` (all handlers when omitted); the last one gone sends `unlisten`. */
   unlisten(channel, handler) {
     const entry = this._listens.get(channel);
-    if (!entry) return;
+    if (!entry) return Promise.resolve();
     if (handler) entry.handlers.delete(handler);
-    if (!handler || entry.handlers.size === 0) this._listens.delete(channel);
+    if (handler && entry.handlers.size) return Promise.resolve();
+    this._listens.delete(channel);
+    return this._request({ op: 'unlisten', channel }).catch((e) => this._ignoreDisconnect(e));
   }
 
   // ---- watching ------------------------------------------------------------------------------

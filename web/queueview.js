@@ -81,10 +81,12 @@ export class QueueView {
     this.el.badge.hidden = !paused;
     this.el.pause.disabled = paused;
     this.el.resume.disabled = !paused;
-    this._applyAdmin();
+    this.applyAdmin();
   }
 
-  _applyAdmin() {
+  /** Show or hide the admin controls for what the token may do on this queue. */
+  applyAdmin() {
+    if (this.name == null) return;
     const denied = this.ctx.adminDenied(this.name);
     this.el.adminNote.hidden = !denied;
     for (const b of this.body.querySelectorAll('.admin')) b.hidden = denied;
@@ -99,7 +101,7 @@ export class QueueView {
       } catch (err) {
         if (err.status === 403) {
           this.ctx.denyAdmin(this.name);
-          this._applyAdmin();
+          this.applyAdmin();
         }
         throw err;
       }
@@ -165,7 +167,7 @@ export class QueueView {
         h('div', { class: 'panel-head' }, h('h2', { id: 'ev-h' }, 'Live job events'), h('div', { class: 'controls' }, evPause, evClear)),
         el.eventsNote, el.events),
     );
-    this._applyAdmin();
+    this.applyAdmin();
   }
 
   async loadPeek() {
@@ -197,7 +199,7 @@ export class QueueView {
     } catch (err) {
       if (err.status === 403) {
         this.ctx.denyAdmin(name);
-        this._applyAdmin();
+        this.applyAdmin();
       } else if (name === this.name) {
         setText(this.el.deadEmpty, `Could not load: ${err.message}`);
         this.el.deadEmpty.hidden = false;
