@@ -63,7 +63,7 @@ function main() {
   }
   conn = new Connection(undefined, { token: getToken(), onstatechange: showConnection, onerror: onConnectionError });
   hooks.onauth = (status, err, path) => {
-    if (status === 401) askToken('This broker requires a token.');
+    if (status === 401) askToken(getToken() ? 'The broker refused this token.' : 'This broker requires a token.');
     else if (path.startsWith('/stats')) notice(`This token may not read stats: ${err.message}`, 'error');
   };
   charts = new Charts($('charts'));
@@ -96,13 +96,23 @@ function watchStats() {
   conn.watch('stats', onStats).then(
     () => {
       state.statsWatched = true;
+      state.statsRefused = false;
       state.lastFrameAt = Date.now();
+      showConnection(conn.state);
     },
     (err) => {
-      if (err.code === 'forbidden') askToken('This token may not watch the broker’s stats.');
+      if (err.code === 'forbidden') statsRefused(err);
       else if (err.code !== 'disconnected') notice(`Cannot watch stats: ${err.message}`, 'error');
     },
   );
+}
+
+// Without a token: ask for one. With one that may not watch stats: say so (the Token button stays).
+function statsRefused(err) {
+  state.statsRefused = true;
+  showConnection(conn.state);
+  if (!getToken()) askToken('This broker requires a token.');
+  else notice(`This token may not watch the live stats: ${err.message}`, 'error');
 }
 
 // What the token may do (GET /auth), so the page hides what it may not instead of failing.
@@ -125,7 +135,8 @@ async function loadAuth() {
 }
 
 function showConnection(connState) {
-  const label = conn?.error?.code === 'forbidden' ? 'unauthorized' : connState === 'open' ? 'live' : connState;
+  const refused = conn?.error?.code === 'forbidden' || (connState === 'open' && state.statsRefused);
+  const label = refused ? 'unauthorized' : connState === 'open' ? 'live' : connState;
   const el = $('conn-state');
   el.dataset.state = label;
   setText(el.querySelector('.label'), label);
@@ -140,8 +151,10 @@ function showConnection(connState) {
 }
 
 function onConnectionError(err) {
-  if (err.code === 'forbidden') {
-    askToken(conn?.error ? 'The broker refused this token.' : `Not allowed: ${err.message}`);
+  if (err.code === 'forbidden' && conn?.error) {
+    askToken('The broker refused this token.');
+  } else if (err.code === 'forbidden' && err.request?.op === 'watch' && err.request.topic === 'stats') {
+    statsRefused(err);
   } else if (err.code !== 'disconnected') {
     notice(`Broker: ${err.message} (${err.code})`, 'error');
   }
@@ -169,6 +182,7 @@ function askToken(reason) {
     $('token-button').hidden = !getToken();
     conn.setToken(getToken());
     state.denied.clear();
+    state.statsRefused = false;
     loadAuth();
     watchStats();
     loadHistory();

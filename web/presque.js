@@ -24,7 +24,8 @@ export class PresqueError extends Error {
     super(message);
     this.name = 'PresqueError';
     this.code = code;
-    this.frame = frame;
+    this.frame = frame; // the broker's error frame, if any
+    this.request = null; // the client frame it answers, if known
   }
 }
 
@@ -348,8 +349,10 @@ export class Connection {
       return Promise.reject(new PresqueError('not connected', 'disconnected'));
     }
     const ref = `r${++this._refs}`;
+    // An error carries the frame it answers as `request` (never the token of an auth frame).
+    const request = frame.op === 'auth' ? { op: 'auth' } : frame;
     return new Promise((resolve, reject) => {
-      this._pending.set(ref, { resolve, reject });
+      this._pending.set(ref, { resolve, reject, request });
       if (!this._send({ ...frame, ref })) {
         this._pending.delete(ref);
         reject(new PresqueError('not connected', 'disconnected'));
@@ -406,8 +409,10 @@ export class Connection {
     const p = f.ref != null ? this._pending.get(f.ref) : undefined;
     if (p) {
       this._pending.delete(f.ref);
-      if (f.op === 'error') p.reject(new PresqueError(f.error ?? 'error', f.code ?? 'internal', f));
-      else p.resolve(f);
+      if (f.op !== 'error') return p.resolve(f);
+      const err = new PresqueError(f.error ?? 'error', f.code ?? 'internal', f);
+      err.request = p.request;
+      p.reject(err);
     } else if (f.op === 'error') {
       this._emitError(new PresqueError(f.error ?? 'error', f.code ?? 'internal', f));
     }

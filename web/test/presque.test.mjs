@@ -108,7 +108,7 @@ test('push resolves the id; errors reject with code; a disconnect rejects and ne
 
   const p3 = conn.push('bad name', 1);
   ws.reply({ op: 'error', ref: ws.last('push').ref, error: 'bad queue name', code: 'bad_queue' });
-  await assert.rejects(p3, (e) => e.code === 'bad_queue' && e.message === 'bad queue name');
+  await assert.rejects(p3, (e) => e.code === 'bad_queue' && e.message === 'bad queue name' && e.request.queue === 'bad name');
 
   const p4 = conn.push('q', 2);
   ws.serverClose();
