@@ -43,7 +43,9 @@ const state = {
   roles: null, // GET /auth's roles when auth is on: {role: [globs]}; null = not known to be limited
   denied: new Set(), // queues whose admin actions answered 403
   lastFrameAt: 0,
-  statsWatched: false,
+  statsWatched: false, // the broker confirmed the stats watch (the stall watchdog is armed)
+  statsRefused: false, // the stats watch was refused (forbidden)
+  wasOpen: false, // the connection was open before: a new open is a reconnect
   cards: new Map(), // field -> element
   rows: new Map(), // queue name -> {tr, cells}
 };
