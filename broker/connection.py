@@ -177,14 +177,14 @@ class Connection:
         match cmd:
             case Ack() | Nack():
                 self.hub.credit_returned(cmd.queue)
-                await self._spawn(cmd, self._settle(cmd))
+                await self._spawn(cmd, lambda: self._settle(cmd))
             case Push() | PushBatch() | Touch() | Progress() | Publish():
-                await self._spawn(cmd, self._run_command(cmd))
+                await self._spawn(cmd, lambda: self._run_command(cmd))
             case Auth():
                 self._authenticate(cmd)
             case _:
                 # State changes the next frame depends on: done before it is read.
-                await self._guarded(cmd, self._change(cmd))
+                await self._guarded(cmd, lambda: self._change(cmd))
 
     async def _change(self, cmd: Command) -> None:
         match cmd:
@@ -225,15 +225,18 @@ class Connection:
             return
         self.session.authenticated(cmd, authorize)
 
-    async def _spawn(self, cmd: Command, work: Awaitable[None]) -> None:
+    async def _spawn(self, cmd: Command, work: Callable[[], Awaitable[None]]) -> None:
         await self._pending.acquire()
         task = asyncio.create_task(self._guarded(cmd, work, self._pending.release))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guarded(self, cmd: Command, work: Awaitable[None], done: Callable[[], None] | None = None) -> None:
+    async def _guarded(
+        self, cmd: Command, work: Callable[[], Awaitable[None]], done: Callable[[], None] | None = None
+    ) -> None:
+        # ``work`` makes its coroutine only once running: a task cancelled before it starts leaves none behind.
         try:
-            await work
+            await work()
         except BrokerError as exc:
             self.session.command_raised(cmd, exc)
         except (RedisError, OSError) as exc:

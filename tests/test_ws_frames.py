@@ -50,7 +50,13 @@ async def test_subscribe_replies_with_the_settings_in_effect(ws: WsClient) -> No
     reply = await ws.call("subscribe", queue="emails")
     assert reply == {"op": "subscribed", "queue": "emails", "prefetch": 10, "ack": "manual", "lease": 30, "ref": "r1"}
     await ws.send({"op": "subscribe", "queue": "sms", "prefetch": 3, "ack": "auto", "lease": 5})
-    assert await ws.expect("subscribed") == {"op": "subscribed", "queue": "sms", "prefetch": 3, "ack": "auto", "lease": 5}
+    assert await ws.expect("subscribed") == {
+        "op": "subscribed",
+        "queue": "sms",
+        "prefetch": 3,
+        "ack": "auto",
+        "lease": 5,
+    }
 
 
 async def test_unsubscribe_with_and_without_ref(ws: WsClient) -> None:
@@ -77,7 +83,10 @@ async def test_job_ops_answer_only_on_error_unless_asked(ws: WsClient, broker: R
     assert await ws.call("touch", id=progress["id"], token=progress["token"]) == {"op": "ok", "ref": "r2"}
     assert ws.stash == []
     # With ref: ok for each.
-    assert await ws.call("nack", id=nack["id"], token=nack["token"], delay=30, error="boom") == {"op": "ok", "ref": "r3"}
+    assert await ws.call("nack", id=nack["id"], token=nack["token"], delay=30, error="boom") == {
+        "op": "ok",
+        "ref": "r3",
+    }
     assert await ws.call("ack", id=ack["id"], token=ack["token"], result={"done": True}) == {"op": "ok", "ref": "r4"}
     assert await ws.call("publish", channel="news", data={"x": 1}) == {"op": "ok", "ref": "r5"}
     assert await ws.call("progress", id=touch["id"], token=touch["token"], data=None) == {"op": "ok", "ref": "r6"}
