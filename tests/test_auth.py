@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.datastructures import Headers
 from starlette.routing import Mount, Route
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -19,7 +20,6 @@ from broker.app import create_app
 from broker.auth import ROUTE_ROLES, bearer, find_token, is_loopback, route_template, warn_if_exposed
 from broker.config import parse_settings
 from broker.errors import ConfigError
-from starlette.datastructures import Headers
 from tests.servers import BrokerServer, make_settings, run_broker
 
 SECRETS = {
