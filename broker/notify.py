@@ -132,6 +132,11 @@ class Notifier:
             self._confirmed[channel] = self._confirmed.get(channel) or asyncio.get_running_loop().create_future()
         await self._pubsub.subscribe(*channels)
         self._connected.set()
+        # A listener added while that SUBSCRIBE was in flight saw us not connected and left its
+        # channel to this method: subscribe it now, or it would wait for the next reconnection.
+        late = [channel for channel in self._listeners if channel not in channels]
+        if late:
+            await self._pubsub.subscribe(*late)
         # Anything may have been published while we were not listening: everyone looks again.
         for listeners in list(self._listeners.values()):
             for listener in list(listeners):
