@@ -224,7 +224,8 @@ async def control_set(request: Request) -> Response:
 async def dead_list(request: Request) -> Response:
     """GET /dead/{queue}?offset=&limit=."""
     queue = queue_of(request)
-    offset = params.integer("offset", request.query_params.get("offset", 0))
+    # Bounded so that offset + limit stays an exact integer inside the Lua script.
+    offset = params.integer("offset", request.query_params.get("offset", 0), maximum=2**31 - 1)
     limit = params.integer("limit", request.query_params.get("limit", 50), minimum=1, maximum=1000)
     total, jobs = await runtime(request).queues.dead_list(queue, offset, limit)
     entries = [

@@ -359,7 +359,7 @@ def operations(settings: Settings) -> dict[str, dict[str, dict[str, Any]]]:
                 "summary": "The dead-letter list, paged",
                 "parameters": [
                     QUEUE,
-                    query("offset", {"type": "integer", "minimum": 0}, "default 0"),
+                    query("offset", {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}, "default 0"),
                     query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "default 50"),
                 ],
                 "responses": {"200": reply("dead jobs", ref("DeadList"))},
