@@ -116,6 +116,10 @@ class Connection:
         finally:
             self.hub.disconnected(self)
             await self._release(self.session.close())
+            # Acks, pushes... read before the close still happen (an ack the client sent before
+            # closing must not leave its job leased until the lease expires).
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=FLUSH_TIMEOUT)
             for task in list(self._tasks):
                 task.cancel()
             writer.cancel()

@@ -17,16 +17,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.exceptions import RedisError
 
 from broker import keys
+from broker.batching import Coalescer
 from broker.feed import QueueFeed
 from broker.frames import Lease, Topic
 from broker.models import dumps
+from broker.redis import publish_many
 from broker.stats import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ class DeliveryHub:
         self.shutting_down = False
         self._channels: dict[str, set[Connection]] = {}
         self._relays: dict[str, Callable[[bytes | None], None]] = {}
+        self._publisher: Coalescer[tuple[str, bytes], None] = Coalescer(self._flush_publishes)
         self._event_watchers: dict[str, set[Connection]] = {}  # queue or ALL -> connections
         self._watched: set[str] = set()  # queues (or ALL) someone watches, on any process
         self._event_buffer: list[bytes] = []
@@ -170,7 +173,12 @@ class DeliveryHub:
                 self.spawn(self.runtime.notifier.unsubscribe(keys.message_channel(channel), relay))
 
     async def publish(self, channel: str, data_json: bytes) -> None:
-        await self.runtime.redis.publish(keys.message_channel(channel), data_json)
+        """Broadcast on ``channel``. One ordered stream per process: a connection's messages keep their order."""
+        await self._publisher.submit("", (keys.message_channel(channel), data_json))
+
+    async def _flush_publishes(self, _key: str, items: Sequence[tuple[str, bytes]]) -> list[None]:
+        await publish_many(self.runtime.redis, items)
+        return [None] * len(items)
 
     # -- job events ------------------------------------------------------------------------------------
 
@@ -263,11 +271,8 @@ class DeliveryHub:
         try:
             while self._event_buffer:
                 batch, self._event_buffer = self._event_buffer, []
-                pipe = self.runtime.redis.pipeline(transaction=False)
-                for payload in batch:
-                    pipe.publish(EVENTS_CHANNEL, payload)
                 with contextlib.suppress(RedisError, OSError):
-                    await pipe.execute()
+                    await publish_many(self.runtime.redis, [(EVENTS_CHANNEL, payload) for payload in batch])
         finally:
             self._flushing_events = False
 

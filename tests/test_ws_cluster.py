@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.servers import BrokerServer, wait_for
+from tests.servers import BrokerServer, make_settings, run_broker, wait_for
 from tests.wsclient import WsClient, ws_connect
 
 pytestmark = pytest.mark.core
@@ -52,16 +52,24 @@ async def queue_info(url: str, queue: str) -> dict[str, Any]:
         return info
 
 
-async def test_an_idle_subscriber_on_another_process_is_woken(make_broker: MakeBroker, redis_url: str) -> None:
-    a, b = two_brokers(make_broker, redis_url)
-    async with ws_connect(b.ws_url) as ws, httpx.AsyncClient(base_url=a.url) as http:
+async def test_an_idle_subscriber_on_another_process_is_woken(
+    make_broker: MakeBroker, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The subscriber's process never looks again by itself: only the pub/sub wake-up of the push
+    # made on the other process can bring the job.
+    monkeypatch.setattr("broker.feed.SAFETY_WAKE", 600.0)
+    a = make_broker(redis_url, config=CONFIG)
+    async with (
+        run_broker(make_settings(redis_url, CONFIG)) as b,
+        ws_connect(b.ws_url) as ws,
+        httpx.AsyncClient(base_url=a.url) as http,
+    ):
         await ws.call("subscribe", queue="q")
         for n in range(3):
             assert await ws.silent("job", 0.05)
-            started = time.monotonic()
             job_id = (await http.post("/q/q", json={"n": n})).json()["id"]
-            (job,) = await ws.jobs(1, timeout=5)
-            assert job["id"] == job_id and time.monotonic() - started < 2.0
+            (job,) = await ws.jobs(1, timeout=10)
+            assert job["id"] == job_id
             await ws.ack(job)
 
 
@@ -100,8 +108,8 @@ async def test_two_processes_share_a_queue_and_deliver_each_job_once(make_broker
     assert (
         per_consumer["a1"] + per_consumer["a2"] >= total // 5 and per_consumer["b1"] + per_consumer["b2"] >= total // 5
     )
-    info = await queue_info(b.url, "q")
-    assert info["job_processed"] == total and info["ready"] == 0 and info["leased"] == 0
+    info = await wait_for(lambda: _settled_info(b.url), 5)
+    assert info["job_processed"] == total
 
 
 async def test_kill_9_returns_leased_jobs_through_another_process(make_broker: MakeBroker, redis_url: str) -> None:
@@ -153,10 +161,10 @@ async def test_pause_stops_delivery_on_every_process(make_broker: MakeBroker, re
         paused_at = time.monotonic()
         assert response.status_code == 200
         await asyncio.sleep(1.2)  # the window in which delivery must have stopped, and then some
-        late = [t for t in received["a"] + received["b"] if t > paused_at + 1.0]
-        assert late == []
-        before = len(received["a"]) + len(received["b"])
-        assert before < 300
+        # Only jobs fetched before the pause may still arrive: at most each consumer's prefetch.
+        late = [t for t in received["a"] + received["b"] if t > paused_at]
+        assert len(late) <= 4
+        assert len(received["a"]) + len(received["b"]) < 300
         response = await http.post(f"{b.url}/control/q", json={"status": "start"})
         await wait_for(lambda: len(received["a"]) + len(received["b"]) == 300, 15)
         stop.set()
