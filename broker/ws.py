@@ -8,7 +8,6 @@ later), which a client can tell from a network failure.
 
 from __future__ import annotations
 
-import hmac
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -16,7 +15,8 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from broker.asyncapi import asyncapi_json
-from broker.config import AuthToken, Settings
+from broker.auth import find_token, presented_token
+from broker.config import Settings
 from broker.connection import Connection
 from broker.errors import Unauthorized
 from broker.frames import CloseCode, SessionLimits
@@ -52,22 +52,6 @@ def origin_allowed(websocket: WebSocket, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc.lower() == host.lower()
 
 
-def find_token(settings: Settings, presented: str) -> AuthToken | None:
-    """The configured token equal to ``presented`` (constant-time comparison), or None."""
-    found = None
-    for candidate in settings.auth.tokens:
-        if hmac.compare_digest(candidate.token.encode(), presented.encode()):
-            found = candidate
-    return found
-
-
-def presented_token(websocket: WebSocket) -> str | None:
-    header = websocket.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return websocket.query_params.get("token")
-
-
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """Serve one WebSocket: ``/ws``, or ``/ws/{queue}`` which subscribes to that queue at once."""
     runtime: Runtime = websocket.app.state.runtime
@@ -101,7 +85,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         return
     session = Session(session_limits(settings), authorize=authorize, auth_required=auth_required)
     connection = Connection(
-        hub, websocket, session, check_token=check_token, idle_timeout=settings.websocket.idle_timeout
+        hub,
+        websocket,
+        session,
+        # With auth off an ``auth`` frame is accepted as is: there is no token to check it against.
+        check_token=check_token if settings.auth.enabled else None,
+        idle_timeout=settings.websocket.idle_timeout,
     )
     queue = websocket.path_params.get("queue")
     await connection.run(None if queue is None else {"op": "subscribe", "queue": queue})

@@ -322,3 +322,12 @@ def test_tokens_never_reach_the_log(redis_url: str, tmp_path: Path) -> None:
     assert "token=***" in log and "Bearer ***" in log  # what would have shown the tokens
     for secret in (*SECRETS.values(), wrong):
         assert secret not in log
+
+
+async def test_websocket_auth_frame_without_auth_configured(redis_url: str) -> None:
+    """With auth off there is nothing to check: an ``auth`` frame (a client that always sends its
+    token, such as web/presque.js) is accepted and changes nothing."""
+    async with run_broker(make_settings(redis_url)) as running:
+        async with connect(running.ws_url) as ws:
+            assert (await request(ws, {"op": "auth", "token": "anything"}))["op"] == "ok"
+            assert (await request(ws, {"op": "subscribe", "queue": "q"}))["op"] == "subscribed"
