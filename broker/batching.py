@@ -33,15 +33,21 @@ class Coalescer(Generic[Item, Result]):
         self._max_batch = max_batch
         self._pending: dict[str, list[tuple[Item, asyncio.Future[Result]]]] = {}
         self._busy: set[str] = set()
+        self._drains: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, key: str, item: Item) -> Result:
         """Queue ``item`` for the next call of ``flush`` for ``key`` and wait for its result."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, []).append((item, future))
         if key not in self._busy:
-            self._busy.add(key)
-            asyncio.get_running_loop().create_task(self._drain(key))
+            self._start_drain(key)
         return await future
+
+    def _start_drain(self, key: str) -> None:
+        self._busy.add(key)
+        task = asyncio.get_running_loop().create_task(self._drain(key))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
     async def _drain(self, key: str) -> None:
         try:
@@ -52,8 +58,7 @@ class Coalescer(Generic[Item, Result]):
         finally:
             self._busy.discard(key)
             if self._pending.get(key):  # submitted after the last take, before the discard
-                self._busy.add(key)
-                asyncio.get_running_loop().create_task(self._drain(key))
+                self._start_drain(key)
 
     def _take(self, key: str) -> list[tuple[Item, asyncio.Future[Result]]]:
         pending = self._pending.get(key)

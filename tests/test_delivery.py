@@ -1,0 +1,122 @@
+"""The delivery hub and its queue feeds (broker/delivery.py, broker/feed.py) and the coalescer
+(broker/batching.py), observed from inside one in-process broker on a real Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from broker import keys
+from broker.batching import Coalescer
+from broker.models import PushOptions
+from tests.servers import RunningBroker, make_settings, run_broker, wait_for
+from tests.wsclient import ws_connect
+
+pytestmark = pytest.mark.core
+
+
+@pytest.fixture
+async def broker(redis_url: str) -> AsyncIterator[RunningBroker]:
+    async with run_broker(make_settings(redis_url, {"queues": {"reap_interval": 0.1}})) as running:
+        yield running
+
+
+def runtime_of(broker: RunningBroker) -> Any:
+    return broker.app.state.runtime  # type: ignore[attr-defined]
+
+
+async def test_acks_on_an_emptied_queue_cost_no_fetch(broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = runtime_of(broker)
+    fetches = 0
+    real_fetch = runtime.queues.fetch
+
+    async def counting_fetch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal fetches
+        fetches += 1
+        return await real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(runtime.queues, "fetch", counting_fetch)
+    async with ws_connect(broker.ws_url) as ws:
+        await ws.call("subscribe", queue="q", prefetch=500)
+        await runtime.queues.push_many("q", [(b"1", PushOptions())] * 200)
+        jobs = await ws.jobs(200)
+        await wait_for(lambda: runtime.delivery.feeds["q"]._drained, 5)
+        before = fetches
+        for job in jobs:
+            await ws.ack(job)
+        assert (await ws.call("publish", channel="c", data=0))["op"] == "ok"  # every ack was read
+        # Credit came back 200 times, but the queue is known empty: no look at Redis for it.
+        assert fetches - before == 0
+        # A push still wakes the feed.
+        await runtime.queues.push_many("q", [(b"2", PushOptions())])
+        assert (await ws.jobs(1))[0]["body"] == 2
+
+
+async def test_jobs_go_to_subscribers_of_the_lease_they_were_fetched_with(
+    broker: RunningBroker, redis: aioredis.Redis
+) -> None:
+    async with ws_connect(broker.ws_url) as short, ws_connect(broker.ws_url) as long:
+        await short.call("subscribe", queue="q", prefetch=2, lease=100)
+        await long.call("subscribe", queue="q", prefetch=2, lease=1000)
+        await runtime_of(broker).queues.push_many("q", [(b"0", PushOptions())] * 4)
+        now = time.time()
+        for client, lease in ((short, 100), (long, 1000)):
+            for job in await client.jobs(2):
+                deadline = await redis.zscore(keys.queue_keys("q").leased, job["id"])
+                assert deadline is not None and abs(deadline - now - lease) < 5
+
+
+async def test_shutdown_is_idempotent_and_refuses_new_subscriptions(broker: RunningBroker) -> None:
+    hub = runtime_of(broker).delivery
+    async with ws_connect(broker.ws_url) as ws:
+        await ws.call("subscribe", queue="q")
+        await asyncio.gather(hub.shutdown(), hub.shutdown())
+        assert await ws.closed() == 1001
+        assert [f["op"] for f in ws.stash] == ["shutdown"]
+    assert hub.feeds == {} or not any(feed.running for feed in hub.feeds.values())
+    async with ws_connect(broker.ws_url) as late:
+        assert await late.closed() == 1013
+
+
+async def test_figures_count_connections_and_consumers(broker: RunningBroker) -> None:
+    hub = runtime_of(broker).delivery
+    async with ws_connect(broker.ws_url) as a, ws_connect(broker.ws_url) as b:
+        await a.call("subscribe", queue="q")
+        await b.call("subscribe", queue="q")
+        await b.call("subscribe", queue="r")
+        figures = hub.figures()
+        assert figures["connections"] == 2 and figures["consumers"] == 3
+        assert figures["consumers_by_queue"] == {"q": 2, "r": 1}
+    await wait_for(lambda: hub.figures()["connections"] == 0, 5)
+    assert hub.feeds == {}
+
+
+async def test_coalescer_batches_concurrent_items_in_order() -> None:
+    calls: list[list[int]] = []
+
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        calls.append(list(items))
+        await asyncio.sleep(0.01)
+        return [ValueError(i) if i == 3 else i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_batch=4)
+    results = await asyncio.gather(*(coalescer.submit("k", i) for i in range(10)), return_exceptions=True)
+    assert [r if not isinstance(r, ValueError) else "error" for r in results] == [
+        0, 10, 20, "error", 40, 50, 60, 70, 80, 90
+    ]  # fmt: skip
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # one call in flight per key, in order
+
+
+async def test_coalescer_failure_reaches_every_caller_of_the_batch() -> None:
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        raise ConnectionError("redis down")
+
+    coalescer: Coalescer[int, int] = Coalescer(flush)
+    results = await asyncio.gather(*(coalescer.submit("k", i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
