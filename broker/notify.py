@@ -19,6 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from broker import keys
+from broker.redis import pubsub_client
 
 log = logging.getLogger("presque.notify")
 
@@ -32,7 +33,9 @@ class Notifier:
     """Subscribe local listeners to Redis channels over one shared pub/sub connection.
 
     Args:
-        redis: a redis.asyncio ``Redis`` client whose connection pool the pub/sub uses.
+        redis: the process's redis.asyncio client. A ``Redis`` lends its connection pool to the
+            pub/sub; for a ``RedisCluster`` the pub/sub connects to one of its masters (classic
+            pub/sub messages reach every node of a cluster).
     """
 
     def __init__(self, redis: Any) -> None:
@@ -40,6 +43,7 @@ class Notifier:
         self._listeners: dict[str, list[Listener]] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._pubsub: Any = None
+        self._pubsub_client: Any = None  # a Cluster node's client of our own, closed with the pub/sub
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
@@ -55,9 +59,16 @@ class Notifier:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        await self._close_pubsub()
+
+    async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
+        if self._pubsub_client is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub_client.aclose()
+            self._pubsub_client = None
 
     @property
     def connected(self) -> bool:
@@ -121,10 +132,11 @@ class Notifier:
                 delay = min(delay * 2, 2.0)
 
     async def _connect(self) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
-        self._pubsub = self.redis.pubsub()
+        await self._close_pubsub()
+        # On a Redis Cluster: a plain connection to one master, picked again on each reconnection.
+        client, own = pubsub_client(self.redis)
+        self._pubsub_client = client if own else None
+        self._pubsub = client.pubsub()
         # A connection-level subscription keeps the connection in pub/sub mode even before any
         # queue is listened to, and gives a first confirmation to know we are live.
         channels = list(dict.fromkeys([*self._listeners, keys.CONTROL_CHANNEL]))

@@ -8,12 +8,14 @@ because a Redis round trip, not a command, is what bounds throughput.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from broker import keys
 from broker.config import QueueLimit
@@ -317,9 +319,12 @@ class QueueService:
         return self._parse_info(queue, await self.scripts.info(keys=keys.queue_keys(queue).all(), args=[]))
 
     async def info_many(self, queues: Sequence[str]) -> list[QueueInfo]:
-        """``info`` for many queues in one round trip."""
+        """``info`` for many queues in one round trip (concurrent calls on a Redis Cluster)."""
         if not queues:
             return []
+        if isinstance(self.redis, RedisCluster):
+            # redis-py refuses scripts in a cluster pipeline; one call per queue, all at once.
+            return list(await asyncio.gather(*(self.info(queue) for queue in queues)))
         pipe = self.redis.pipeline(transaction=False)
         for queue in queues:
             await self.scripts.info(keys=keys.queue_keys(queue).all(), args=[], client=pipe)

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -23,10 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry as SyncRetry
 
@@ -36,10 +40,14 @@ from broker.errors import ConfigError, RedisSetupError
 __all__ = [
     "MIN_REDIS_VERSION",
     "EmbeddedRedis",
+    "RedisClient",
     "RedisInfo",
+    "SentinelRedis",
     "check_redis",
     "create_redis",
     "find_redis_server",
+    "publish_many",
+    "pubsub_client",
 ]
 
 logger = logging.getLogger(__name__)
@@ -275,51 +283,132 @@ def _socket_path(data_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"presque-{digest}.sock"
 
 
-def create_redis(settings: RedisSettings, url_override: str | None = None, *, retries: int = 2) -> redis.asyncio.Redis:
+RedisClient = redis.asyncio.Redis | RedisCluster
+"""What :func:`create_redis` returns: a single-server (or Sentinel-managed) client, or a Cluster client."""
+
+
+def create_redis(settings: RedisSettings, url_override: str | None = None, *, retries: int = 2) -> RedisClient:
     """Build the asyncio Redis client (bytes in and out, hiredis parser when installed).
 
     Connection errors are retried ``retries`` times with a short jittered backoff, so a Redis
-    restart costs a brief pause rather than an error. Timeouts are not retried: a frozen Redis
-    fails the call after ``socket_timeout`` instead of hanging (the broker answers 503).
+    restart (or a Sentinel failover) costs a brief pause rather than an error. Timeouts are not
+    retried: a frozen Redis fails the call after ``socket_timeout`` instead of hanging (the broker
+    answers 503).
 
     Args:
-        settings: the ``redis`` section.
+        settings: the ``redis`` section. ``cluster`` gives a ``RedisCluster`` client (startup
+            nodes from ``cluster_nodes``, else ``url``); ``sentinel_master`` a client of the master
+            that the ``sentinels`` name, following failovers.
         url_override: connect here instead of ``settings.url`` (e.g. :attr:`EmbeddedRedis.url`).
         retries: retries of a command that failed on a connection error.
 
     Raises:
         ConfigError: no URL to connect to.
     """
+    options: dict[str, Any] = {
+        "password": settings.password,
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "health_check_interval": _HEALTH_CHECK_INTERVAL,
+        "retry": Retry(
+            ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries, supported_errors=(redis.ConnectionError,)
+        ),
+        "decode_responses": False,
+        "client_name": "presque",
+    }
     if settings.cluster:
-        return _create_cluster(settings)
+        return _create_cluster(settings, url_override, options)
     if settings.sentinel_master is not None:
-        return _create_sentinel(settings)
+        return _create_sentinel(settings, options)
     url = url_override or settings.url
     if url is None:
         raise ConfigError("redis.url: no Redis to connect to (start EmbeddedRedis and pass its url)")
-    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
-        url,
-        password=settings.password,
-        socket_timeout=settings.socket_timeout,
-        socket_connect_timeout=settings.socket_timeout,
-        health_check_interval=_HEALTH_CHECK_INTERVAL,
-        retry=Retry(
-            ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries, supported_errors=(redis.ConnectionError,)
-        ),
-        decode_responses=False,
-        client_name="presque",
-    )
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url, **options)
     return client
 
 
-def _create_cluster(settings: RedisSettings) -> redis.asyncio.Redis:
-    """Redis Cluster client from ``cluster_nodes`` (or ``url``) — issue 8."""
-    raise NotImplementedError("redis.cluster is not supported yet")
+def _host_port(node: str) -> tuple[str, int]:
+    host, _, port = node.rpartition(":")  # config.py has checked the form
+    return host.strip("[]"), int(port)
 
 
-def _create_sentinel(settings: RedisSettings) -> redis.asyncio.Redis:
-    """Master client discovered through ``sentinels`` for ``sentinel_master`` — issue 8."""
-    raise NotImplementedError("redis.sentinel_master is not supported yet")
+def _create_cluster(settings: RedisSettings, url_override: str | None, options: dict[str, Any]) -> RedisCluster:
+    """A Redis Cluster client whose startup nodes are ``cluster_nodes``, else ``url``.
+
+    Every queue's keys carry the ``{queue}`` hash tag, so each Lua script runs on the one master
+    owning that slot; MOVED/ASK redirections and topology changes are the client's business.
+    """
+    # The cluster client retries by itself (connection errors, MOVED, CLUSTERDOWN) and refreshes
+    # its slot map in between: its own retry policy suits it better than a single server's.
+    options = {k: v for k, v in options.items() if k != "retry"}
+    if settings.cluster_nodes:
+        nodes = [ClusterNode(*_host_port(node)) for node in settings.cluster_nodes]
+        return RedisCluster(startup_nodes=nodes, **options)
+    url = url_override or settings.url
+    if url is None:  # pragma: no cover - config.py refuses cluster without nodes or url
+        raise ConfigError("redis.cluster: needs redis.cluster_nodes or redis.url for the startup nodes")
+    return RedisCluster.from_url(url, **options)
+
+
+class SentinelRedis(redis.asyncio.Redis):
+    """The client of a Sentinel-managed master; closing it closes its sentinel connections too."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
+                await client.aclose()
+
+
+def _create_sentinel(settings: RedisSettings, options: dict[str, Any]) -> SentinelRedis:
+    """A client of the master named ``sentinel_master``, found through ``sentinels``.
+
+    Each new connection asks the sentinels where the master is, so after a failover the next
+    connection (the retry of a failed command, or the notifier's reconnection) reaches the new
+    master; a demoted master's ``READONLY`` answer also forces a reconnection.
+    """
+    assert settings.sentinel_master is not None
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's Sentinel has no annotations
+        [_host_port(node) for node in settings.sentinels],
+        sentinel_kwargs={"socket_timeout": settings.socket_timeout, "socket_connect_timeout": settings.socket_timeout},
+    )
+    client: SentinelRedis = sentinel.master_for(settings.sentinel_master, redis_class=SentinelRedis, **options)
+    client.sentinel_manager = sentinel
+    return client
+
+
+async def publish_many(client: RedisClient, messages: Sequence[tuple[str, bytes]]) -> None:
+    """PUBLISH each (channel, data) in order: one pipeline, or one call after another on a Cluster.
+
+    redis-py refuses PUBLISH in a cluster pipeline, and concurrent calls could overtake each other.
+    """
+    if isinstance(client, RedisCluster):
+        for channel, data in messages:
+            await client.publish(channel, data)
+        return
+    pipe = client.pipeline(transaction=False)
+    for channel, data in messages:
+        pipe.publish(channel, data)
+    await pipe.execute()
+
+
+def pubsub_client(client: RedisClient) -> tuple[redis.asyncio.Redis, bool]:
+    """A client whose ``pubsub()`` receives every classic pub/sub message of the deployment.
+
+    On a single server or Sentinel that is ``client`` itself. On a Cluster it is a new plain
+    client to one master chosen at random (a message published on any node reaches every node
+    over the cluster bus), with the cluster's connection options.
+
+    Returns:
+        The client, and whether it is a new one that the caller must close.
+    """
+    if not isinstance(client, RedisCluster):
+        return client, False
+    node = random.choice(client.get_primaries() or client.get_nodes())
+    pool = redis.asyncio.ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+    return redis.asyncio.Redis.from_pool(pool), True
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,22 +419,32 @@ class RedisInfo:
     maxmemory_policy: str | None  # None when CONFIG is disabled on the server
 
 
-async def check_redis(client: redis.asyncio.Redis, settings: RedisSettings) -> RedisInfo:
+async def check_redis(client: RedisClient, settings: RedisSettings) -> RedisInfo:
     """Refuse a Redis that would lose jobs or lacks what the Lua scripts need.
+
+    On a Cluster every master is checked; the figures returned are the first master's.
 
     Raises:
         RedisSetupError: the version is below 6.2, or ``maxmemory-policy`` is not ``noeviction``
             while ``redis.allow_eviction`` is false.
         redis.RedisError: Redis did not answer.
     """
-    server = await client.info("server")
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # learns the slot map: which nodes are masters
+        found = [await _check_server(client, settings, {"target_nodes": node}) for node in client.get_primaries()]
+        return found[0]
+    return await _check_server(client, settings, {})
+
+
+async def _check_server(client: RedisClient, settings: RedisSettings, target: dict[str, Any]) -> RedisInfo:
+    server = await client.info("server", **target)
     raw_version = str(server.get("redis_version", "0"))
     version = _parse_version(raw_version.split("."))
     if version < MIN_REDIS_VERSION:
         raise RedisSetupError(f"Redis {raw_version} is too old: presque needs Redis 6.2 or newer")
     policy: str | None
     try:
-        reply = await client.config_get("maxmemory-policy")
+        reply = await client.config_get("maxmemory-policy", **target)
     except redis.ResponseError as exc:
         # Managed services often rename or disable CONFIG; we cannot check, so we say so.
         logger.warning("cannot read Redis maxmemory-policy (%s): make sure it is noeviction", exc)

@@ -8,6 +8,13 @@
   servers, stopped after the test.
 - ``make_broker`` (function): factory ``(redis_url, **kwargs) -> BrokerServer`` of started broker
   subprocesses, stopped after the test.
+- ``redis_cluster`` (session): a real 3-master Redis Cluster (:class:`~tests.cluster.ClusterServers`).
+
+With ``PRESQUE_TEST_TOPOLOGY=cluster`` (``make test-cluster``), ``redis_url`` and ``redis`` point
+at that cluster instead, and :func:`~tests.servers.make_settings` and
+:class:`~tests.servers.BrokerServer` configure ``redis.cluster: true``: the same tests then run
+against the cluster. Tests that need a single server of their own (``redis_server``,
+``make_redis_server``) are skipped in that mode.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.servers import BrokerServer, RedisServer
+from tests.cluster import ClusterServers, ClusterTestClient
+from tests.servers import BrokerServer, RedisServer, on_cluster
+
+NOT_ON_CLUSTER = "needs a single redis-server of its own: not run with PRESQUE_TEST_TOPOLOGY=cluster"
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def _single_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -31,7 +41,30 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
+def redis_server(request: pytest.FixtureRequest) -> RedisServer:
+    if on_cluster():
+        pytest.skip(NOT_ON_CLUSTER)
+    server: RedisServer = request.getfixturevalue("_single_redis_server")
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers]:
+    cluster = ClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if on_cluster():
+        cluster: ClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
+    redis_server: RedisServer = request.getfixturevalue("_single_redis_server")
     if not redis_server.running:  # a test broke the shared server; give the next one a working one
         redis_server.start()
     with redis_server.client() as client:
@@ -40,14 +73,21 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
+async def redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client: aioredis.Redis | ClusterTestClient
+    if on_cluster():
+        client = request.getfixturevalue("redis_cluster").async_client()
+        await client.initialize()
+    else:
+        client = aioredis.Redis.from_url(redis_url)
+    yield client  # type: ignore[misc]  # the cluster client speaks the same commands
     await client.aclose()
 
 
 @pytest.fixture
 def make_redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    if on_cluster():
+        pytest.skip(NOT_ON_CLUSTER)
     servers: list[RedisServer] = []
 
     def make(**kwargs: Any) -> RedisServer:

@@ -219,11 +219,21 @@ class RedisServer:
         self.stop()
 
 
+def on_cluster() -> bool:
+    """True when the suite runs against a Redis Cluster (``PRESQUE_TEST_TOPOLOGY=cluster``)."""
+    return os.environ.get("PRESQUE_TEST_TOPOLOGY", "single") == "cluster"
+
+
 def make_settings(redis_url: str | None, data: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    """Settings for a test broker: ``data`` (config.yaml sections) with ``redis.url`` set."""
+    """Settings for a test broker: ``data`` (config.yaml sections) with ``redis.url`` set.
+
+    With ``PRESQUE_TEST_TOPOLOGY=cluster`` the URL is a cluster node's, and ``redis.cluster`` is on.
+    """
     sections = {name: dict(values) for name, values in (data or {}).items()}
     if redis_url is not None:
         sections.setdefault("redis", {})["url"] = redis_url
+        if on_cluster():
+            sections["redis"]["cluster"] = True
     return parse_settings(sections)
 
 
@@ -277,6 +287,8 @@ class BrokerServer:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         if self.redis_url is not None:
             env["PRESQUE_REDIS_URL"] = self.redis_url
+            if on_cluster():
+                env["PRESQUE_REDIS_CLUSTER"] = "true"
         else:
             binary = os.environ.get("PRESQUE_TEST_REDIS_BIN")
             if binary:

@@ -14,7 +14,15 @@ import redis.asyncio as aioredis
 
 from broker.config import RedisSettings, parse_settings
 from broker.errors import ConfigError, RedisSetupError
-from broker.redis import EmbeddedRedis, RedisInfo, _parse_version, check_redis, create_redis, find_redis_server
+from broker.redis import (
+    EmbeddedRedis,
+    RedisInfo,
+    SentinelRedis,
+    _parse_version,
+    check_redis,
+    create_redis,
+    find_redis_server,
+)
 from tests.servers import RedisServer, redis_binary, wait_for_sync
 
 pytestmark = pytest.mark.core
@@ -145,11 +153,21 @@ def test_create_redis_needs_a_url() -> None:
         create_redis(RedisSettings())
 
 
-def test_create_redis_cluster_and_sentinel_are_not_there_yet() -> None:
-    with pytest.raises(NotImplementedError):
-        create_redis(RedisSettings(cluster=True, cluster_nodes=("a:1",)))
-    with pytest.raises(NotImplementedError):
-        create_redis(RedisSettings(sentinel_master="m", sentinels=("s:1",)))
+async def test_create_redis_builds_cluster_and_sentinel_clients_lazily() -> None:
+    # Nothing listens on these ports: building the clients must not connect (tests/test_cluster.py
+    # and tests/test_sentinel.py use them for real).
+    cluster = create_redis(RedisSettings(cluster=True, cluster_nodes=("127.0.0.1:1", "[::1]:2")))
+    assert isinstance(cluster, aioredis.RedisCluster)
+    assert [(n.host, n.port) for n in cluster.startup_nodes] == [("127.0.0.1", 1), ("::1", 2)]
+    await cluster.aclose()
+    from_url = create_redis(RedisSettings(cluster=True, url="redis://127.0.0.1:3/0"))
+    assert isinstance(from_url, aioredis.RedisCluster)
+    await from_url.aclose()
+    sentinel = create_redis(RedisSettings(sentinel_master="m", sentinels=("127.0.0.1:4",)))
+    assert isinstance(sentinel, SentinelRedis)
+    assert sentinel.sentinel_manager is not None
+    assert [c.connection_pool.connection_kwargs["port"] for c in sentinel.sentinel_manager.sentinels] == [4]
+    await sentinel.aclose()
 
 
 async def test_create_redis_does_not_hang_on_a_frozen_server(
