@@ -34,6 +34,7 @@ SAFETY_WAKE = 5.0  # an idle feed looks again this often even if no wake-up arri
 RETRY_PAUSE = 0.5  # after a Redis error, before trying again
 LIMIT_WAIT = 0.25  # max_inflight reached and no wake-up: look again after this
 CLOSE_TIMEOUT = 5.0  # close(): how long the fetch in progress may take before the feed is cancelled
+FRAME_OVERHEAD = 160  # bytes of a job frame besides its body (op, queue, id, token, attempt)
 
 Group = tuple[bool, float]  # (manual ack, lease seconds): subscriptions one fetch can serve
 
@@ -58,6 +59,7 @@ class QueueFeed:
         self._closing = False
         self._next_run_at: float | None = None
         self._rotation = 0
+        self._frame_size = FRAME_OVERHEAD  # running estimate of a job frame's size, in bytes
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -126,10 +128,24 @@ class QueueFeed:
         wanted: dict[Group, int] = {}
         for conn in self.connections:
             group = self._group(conn)
-            credit = conn.session.credit(self.queue)
+            credit = self._room(conn)
             if group is not None and credit > 0:
                 wanted[group] = wanted.get(group, 0) + credit
         return wanted
+
+    def _room(self, conn: Connection) -> int:
+        """The connection's credit, capped by how many job frames its send buffer still holds.
+
+        Without the cap, a consumer whose socket drains slowly would, each time one frame left its
+        buffer, have a whole prefetch fetched for it and all but one job handed back: manual jobs
+        released (their attempt counted for nothing), auto-ack ones pushed again.
+        """
+        session = conn.session
+        credit = session.credit(self.queue)
+        if credit <= 0:
+            return 0
+        fits = (session.limits.send_buffer - session.send_backlog) // max(self._frame_size, 1)
+        return max(1, min(credit, fits))
 
     def _group(self, conn: Connection) -> Group | None:
         sub = conn.session.subscriptions.get(self.queue)
@@ -178,6 +194,7 @@ class QueueFeed:
         events: list[tuple[str, str, bytes | None]] = []
         for job in jobs:
             self.latency.record(job.latency)
+            self._frame_size += (len(job.body) + FRAME_OVERHEAD - self._frame_size) // 8
             taken = False
             for _ in range(len(conns)):
                 conn = conns[self._rotation % len(conns)]
@@ -185,6 +202,10 @@ class QueueFeed:
                 if conn.session.credit(self.queue) > 0 and conn.deliver(job):
                     taken = True
                     break
+            if not taken and not job.token:
+                # Taken destructively: better a little over a subscriber's send buffer (the frame
+                # estimate was off) than pushing the job again under a new id.
+                taken = any(conn.deliver(job) for conn in conns)
             if taken:
                 events.append((job.id, "delivered", dumps({"attempt": job.attempt})))
             elif job.token:
@@ -194,8 +215,8 @@ class QueueFeed:
         if leftovers:
             self.hub.release_soon(self.queue, leftovers)
         if orphans:
-            # Taken destructively for an auto-ack consumer that went away meanwhile (a rare race):
-            # push the bodies back rather than lose them.
+            # Taken destructively for auto-ack consumers that all went away meanwhile (a rare
+            # race): push the bodies back rather than lose them.
             self.hub.spawn(self.hub.runtime.queues.push_many(self.queue, [(b, PushOptions()) for b in orphans]))
         if events:
             self.hub.emit_events(self.queue, events)
