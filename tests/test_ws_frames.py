@@ -287,3 +287,55 @@ async def test_subscribing_registers_the_queue(ws: WsClient, broker: RunningBrok
     await ws.call("subscribe", queue="listed")
     async with httpx.AsyncClient() as http:
         assert "listed" in (await http.get(f"{broker.url}/status/")).json()["queues"]
+
+
+async def test_frames_match_the_asyncapi_schemas(broker: RunningBroker) -> None:
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    async with httpx.AsyncClient() as http:
+        doc = (await http.get(f"{broker.url}/asyncapi.json")).json()
+
+    def valid(name: str, frame: dict[str, object]) -> bool:
+        root = {"components": doc["components"], "$ref": f"#/components/messages/{name}/payload"}
+        return bool(jsonschema_rs.validator_for(root).is_valid(frame))
+
+    sent: list[dict[str, object]] = [
+        {"op": "subscribe", "queue": "q", "prefetch": 5, "lease": 10, "ref": "a"},
+        {"op": "listen", "channel": "c", "ref": "b"},
+        {"op": "watch", "topic": "events", "queue": "q"},
+        {"op": "watch", "topic": "stats"},
+        {"op": "push", "queue": "q", "body": {"x": 1}, "priority": 3, "uniq": "u", "ref": "c"},
+        {"op": "push", "queue": "q", "jobs": [1, 2]},
+        {"op": "push", "queue": "q", "body": 1, "uniq": "u"},
+        {"op": "publish", "channel": "c", "data": [1], "ref": "d"},
+        {"op": "nope"},
+    ]
+    async with ws_connect(broker.ws_url) as ws:
+        for frame in sent:
+            if frame["op"] in doc["components"]["messages"]:
+                assert valid(str(frame["op"]), frame), frame
+            await ws.send(frame)
+        jobs = await ws.jobs(3)
+        await ws.send({"op": "ack", "id": jobs[0]["id"], "token": jobs[0]["token"], "result": 1, "ref": "e"})
+        await ws.send({"op": "nack", "id": jobs[1]["id"], "token": jobs[1]["token"], "delay": 1, "error": "x"})
+        await ws.send({"op": "progress", "id": jobs[2]["id"], "token": jobs[2]["token"], "data": 5, "ref": "f"})
+        await ws.expect(lambda f: f.get("ref") == "f")
+        await ws.expect("stats")
+        await ws.expect(lambda f: f.get("event") == "progress")
+        seen = {frame["op"] for _, frame in ws.received}
+        assert {
+            "subscribed",
+            "listening",
+            "watching",
+            "pushed",
+            "ok",
+            "error",
+            "job",
+            "message",
+            "stats",
+            "event",
+        } <= seen
+        for _, frame in ws.received:
+            assert valid(frame["op"], frame), frame
+    # A frame the schemas refuse is one the broker refuses too.
+    assert not valid("push", {"op": "push", "queue": "q", "jobs": [1], "delay": 5})
+    assert not valid("subscribe", {"op": "subscribe", "queue": "no spaces"})
