@@ -80,8 +80,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
     hub = runtime.delivery
     await websocket.accept()
-    if len(hub.connections) >= settings.limits.max_connections or hub.shutting_down:
-        await websocket.close(code=int(CloseCode.TRY_AGAIN_LATER), reason="too many connections")
+    if hub.shutting_down or len(hub.connections) >= settings.limits.max_connections:
+        reason = "shutting down" if hub.shutting_down else "too many connections"
+        await websocket.close(code=int(CloseCode.TRY_AGAIN_LATER), reason=reason)
         return
     session = Session(session_limits(settings), authorize=authorize, auth_required=auth_required)
     connection = Connection(
