@@ -400,7 +400,14 @@ def _json(obj: Mapping[str, Any], key: str) -> bytes:
     # Presence, not truthiness: null is a valid body or payload.
     if key not in obj:
         raise FrameError(ErrorCode.BAD_FIELD, f"{key} is required")
-    return orjson.dumps(obj[key])
+    return _encode(obj[key], key)
+
+
+def _encode(value: Any, key: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson reads up to 1024 levels of nesting but writes only 254
+        raise FrameError(ErrorCode.BAD_JSON, f"{key} is nested too deeply (at most 254 levels)") from None
 
 
 def _job(obj: Mapping[str, Any], locate: Locate) -> tuple[str, str, str]:
@@ -433,7 +440,7 @@ def _parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimi
         # Job ops validate their own fields before locating the job, so that a malformed frame
         # is a bad_field, not an unknown_job.
         case "ack":
-            result = orjson.dumps(obj["result"]) if "result" in obj else None
+            result = _encode(obj["result"], "result") if "result" in obj else None
             queue, job_id, token = _job(obj, locate)
             return Ack(ref=ref, queue=queue, id=job_id, token=token, result_json=result)
         case "nack":
@@ -481,7 +488,7 @@ def _push(obj: Mapping[str, Any], ref: str | None, limits: SessionLimits) -> Pus
             raise FrameError(ErrorCode.BAD_FIELD, "jobs must be a non-empty array of job bodies")
         if len(jobs) > limits.max_batch:
             raise FrameError(ErrorCode.TOO_LARGE, f"jobs has {len(jobs)} bodies, over max_batch {limits.max_batch}")
-        return PushBatch(ref=ref, queue=queue, bodies=tuple(orjson.dumps(body) for body in jobs))
+        return PushBatch(ref=ref, queue=queue, bodies=tuple(_encode(body, "jobs") for body in jobs))
     if "body" not in obj:
         raise FrameError(ErrorCode.BAD_FIELD, "push needs body (one job) or jobs (a batch)")
     uniq = _opt_str(obj, "uniq")
@@ -490,7 +497,7 @@ def _push(obj: Mapping[str, Any], ref: str | None, limits: SessionLimits) -> Pus
     return Push(
         ref=ref,
         queue=queue,
-        body_json=orjson.dumps(obj["body"]),
+        body_json=_encode(obj["body"], "body"),
         priority=_int(obj, "priority", 0, MAX_PRIORITY),
         delay=_seconds(obj, "delay"),
         uniq=uniq,

@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from broker import params
 from broker.errors import BadRequest, NoJob, NotFound, QueueClosed, TooLarge, UnknownJob
-from broker.models import check_json_body, dumps, parse_json, validate_queue
+from broker.models import check_json_body, dumps, encode_json, parse_json, validate_queue
 from broker.runtime import Runtime
 
 JSON = "application/json"
@@ -113,7 +113,7 @@ async def push_batch(request: Request) -> Response:
         raise BadRequest("a batch needs at least one job")
     if len(data) > rt.settings.limits.max_batch:
         raise TooLarge(f"batch of {len(data)} jobs is over the limit of {rt.settings.limits.max_batch}")
-    ids = await rt.queues.push_many(queue, [(dumps(body), opts) for body in data])
+    ids = await rt.queues.push_many(queue, [(encode_json(body, "a job"), opts) for body in data])
     return json_response({"ids": ids, "queue": queue}, 201)
 
 

@@ -89,6 +89,19 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+def encode_json(value: Any, what: str = "JSON") -> bytes:
+    """Compact JSON bytes of a value decoded from a client's input.
+
+    Raises:
+        BadJSON: nested more than 254 levels deep, which orjson reads (up to 1024) but cannot
+            write: without this, such input would fail later as an internal error.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        raise BadJSON(f"{what} is nested too deeply (at most 254 levels)") from None
+
+
 def check_json_body(data: bytes) -> bytes:
     """Validate that ``data`` is JSON and return it unchanged (a push stores bodies byte for byte)."""
     if not data.strip():

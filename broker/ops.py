@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from broker.errors import BadRequest
 from broker.http import json_response, queue_of, read_json_object, runtime
-from broker.models import validate_queue
+from broker.models import encode_json, validate_queue
 
 WORKER_HEADER = "x-presque-workerid"
 HEALTH_TIMEOUT = 2.0
@@ -47,7 +47,9 @@ async def worker_register(request: Request) -> Response:
     rt = runtime(request)
     queue = queue_of(request)
     wid = worker_id(request)
-    await rt.workers.register(wid, queue, await read_json_object(request))
+    info = await read_json_object(request)
+    encode_json(info, "the body")  # it is stored re-encoded: refuse what cannot be
+    await rt.workers.register(wid, queue, info)
     return json_response({"queue": queue, "worker": wid}, 201)
 
 

@@ -188,3 +188,31 @@ async def test_http_requests_in_progress_per_process(redis_url: str) -> None:
         assert sorted([(await poll).json() for poll in polls]) == [1, 2]
         assert (await client.post("/q/other", content=b"1")).status_code == 201
         assert await pushed(client, "other") == 1
+
+
+async def test_json_nesting_depth(redis_url: str) -> None:
+    """The JSON library reads 1024 levels of nesting but writes 254: what must be re-encoded
+    (batch jobs, WebSocket payloads, worker figures) is refused beyond, never a 500."""
+
+    def nested(depth: int) -> str:
+        return "[" * depth + "]" * depth
+
+    async with broker(redis_url, max_body=65536, max_frame=65536) as (ws_url, client):
+        deep, fine = nested(300), nested(250)
+        assert (await client.post("/qb/deep", content=f"[{deep}]")).status_code == 400
+        assert (await client.post("/qb/deep", content=f"[{fine}]")).status_code == 201
+        worker = {"X-presque-workerid": "w"}
+        assert (await client.post("/w/deep", content=f'{{"name": {deep}}}', headers=worker)).status_code == 400
+        # One job pushed over HTTP is stored as sent, not re-encoded: it is taken back as sent.
+        assert (await client.post("/q/deep", content=deep)).status_code == 201
+        async with connect(ws_url) as ws:
+            for member in ("body", "jobs", "data"):
+                frame = f'{{"op": "{"publish" if member == "data" else "push"}", "queue": "deep", "channel": "deep", '
+                value = f"[{deep}]" if member == "jobs" else deep
+                await ws.send(frame + f'"{member}": {value}, "ref": "r"}}')
+                reply = orjson.loads(await ws.recv())
+                assert reply["code"] == "bad_json" and member in reply["error"], reply
+            assert (await request(ws, {"op": "subscribe", "queue": "deep", "ack": "auto"}))["op"] == "subscribed"
+            bodies = [orjson.loads(await ws.recv())["body"] for _ in range(2)]
+            assert bodies == [orjson.loads(fine), orjson.loads(deep)]
+        assert await pushed(client, "deep") == 2
