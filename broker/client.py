@@ -9,6 +9,7 @@ pushes in flight at once; everything the WebSocket has no verb for goes over kee
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ __all__ = ["BrokerUnreachable", "Client", "ConnectionLost", "FetchedJob", "PushU
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 BATCH = 1000  # jobs per batch frame in push_many (the broker's default limits.max_batch)
-PUSH_WINDOW = 8  # batch frames of one push_many in flight at once
+_END = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,37 +163,27 @@ class Client:
         return str(reply["id"])
 
     async def push_many(self, queue: str, bodies: Iterable[Any], *, batch_size: int = BATCH) -> list[str]:
-        """Push many jobs; returns their ids in order.
+        """Push many jobs, in order; returns their ids in the same order.
 
-        Bodies go in batch frames of ``batch_size`` (each atomic on the broker), several in
-        flight at once. If one batch fails, the exception propagates; batches confirmed before it
-        exist (their ids are on the exception as ``pushed_ids`` when it is a BrokerError).
+        Bodies go in batch frames of ``batch_size`` (each atomic on the broker), one after the
+        other so that the queue keeps their order. If a batch fails, the exception propagates
+        with the ids of the batches already pushed as its ``pushed_ids``.
         """
         validate_queue(queue)
-        chunks: list[list[Any]] = []
+        ids: list[str] = []
         chunk: list[Any] = []
-        for body in bodies:
-            chunk.append(body)
-            if len(chunk) >= batch_size:
-                chunks.append(chunk)
+        for body in itertools.chain(bodies, [_END]):
+            if body is not _END:
+                chunk.append(body)
+            if chunk and (len(chunk) >= batch_size or body is _END):
+                try:
+                    reply = await self.link.request({"op": "push", "queue": queue, "jobs": chunk}, push_queue=queue)
+                except BrokerError as exc:
+                    exc.pushed_ids = ids  # type: ignore[attr-defined]
+                    raise
+                ids += [str(i) for i in reply["ids"]]
                 chunk = []
-        if chunk:
-            chunks.append(chunk)
-        results: list[list[str] | None] = [None] * len(chunks)
-        window = asyncio.Semaphore(PUSH_WINDOW)
-
-        async def send(index: int, jobs: list[Any]) -> None:
-            async with window:
-                reply = await self.link.request({"op": "push", "queue": queue, "jobs": jobs}, push_queue=queue)
-                results[index] = [str(i) for i in reply["ids"]]
-
-        outcomes = await asyncio.gather(*(send(i, c) for i, c in enumerate(chunks)), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, BrokerError):
-                    outcome.pushed_ids = [i for r in results if r for i in r]  # type: ignore[attr-defined]
-                raise outcome
-        return [i for r in results if r is not None for i in r]
+        return ids
 
     async def publish(self, channel: str, data: Any) -> None:
         """Broadcast ``data`` to every listener of ``channel`` (at-most-once, nothing stored)."""
@@ -325,8 +316,12 @@ class Client:
         """Delete every dead job of ``queue``."""
         await self._call("DELETE", path("dead", validate_queue(queue)))
 
-    async def workers(self) -> list[str]:
-        """Ids of the registered workers (``GET /w/``)."""
+    async def workers(self, queue: str | None = None) -> list[str]:
+        """Ids of the registered workers (``GET /w/``), or of those working on ``queue``."""
+        if queue is not None:
+            reply = await self._object("GET", path("w", "", query={"queue_name": validate_queue(queue)}))
+            on_queue: list[str] = reply["workers_list"]
+            return on_queue
         ids: list[str] = await self._json("GET", "/w/")
         return ids
 

@@ -109,8 +109,16 @@ class Link:
 
     # -- requests -----------------------------------------------------------------------------------
 
-    async def request(self, frame: dict[str, Any], *, push_queue: str | None = None) -> dict[str, Any]:
+    async def request(
+        self, frame: dict[str, Any], *, push_queue: str | None = None, epoch: int | None = None
+    ) -> dict[str, Any]:
         """Send ``frame`` with a fresh ``ref`` and return the broker's reply frame.
+
+        Args:
+            frame: the frame; its ``ref`` is set here.
+            push_queue: the frame is a push to this queue (for PushUnconfirmed).
+            epoch: send only on that connection (the one a job came on, which alone holds it),
+                at once, even while it is still subscribing again; ConnectionLost if it is gone.
 
         Raises:
             BrokerError: the broker's ``error`` frame, as its typed exception.
@@ -123,7 +131,12 @@ class Link:
         data = orjson.dumps(frame)
         if len(data) > self.max_frame:
             raise TooLarge(f"frame of {len(data)} bytes is over the limit of {self.max_frame} bytes")
-        ws = await self._connection()
+        if epoch is None:
+            ws = await self._connection()
+        elif epoch == self.epoch and self._ws is not None:
+            ws = self._ws
+        else:
+            raise ConnectionLost("the connection that request belongs to is gone")
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[ref] = _Pending(future, push_queue, frame.get("uniq"))
         try:
@@ -135,17 +148,6 @@ class Link:
             self._pending.pop(ref, None)
             raise
         return await future
-
-    async def send(self, frame: dict[str, Any]) -> bool:
-        """Send a frame that needs no reply (errors arrive unsolicited). False if not connected."""
-        ws = self._ws
-        if ws is None or not self._ready:
-            return False
-        try:
-            await ws.send(orjson.dumps(frame).decode())
-        except ConnectionClosed:
-            return False
-        return True
 
     async def subscribe(self, sub: Subscription) -> None:
         """Subscribe to ``sub.queue`` now if connected, and again after every reconnection.

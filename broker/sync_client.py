@@ -178,9 +178,9 @@ class SyncClient:
         """See :meth:`broker.Client.purge_dead`."""
         self._run(self._client.purge_dead(queue))
 
-    def workers(self) -> list[str]:
+    def workers(self, queue: str | None = None) -> list[str]:
         """See :meth:`broker.Client.workers`."""
-        return self._run(self._client.workers())
+        return self._run(self._client.workers(queue))
 
     def health(self) -> dict[str, Any]:
         """See :meth:`broker.Client.health`."""

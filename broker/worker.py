@@ -282,14 +282,14 @@ class Worker:
         """Ack or nack: over the socket the job came on; else (reconnected, draining) over HTTP."""
         assert self.client is not None
         link = self.client.link
-        if not self._draining and job._epoch == link.epoch and link.connected:
+        if not self._draining and job._epoch == link.epoch:
             frame = {"op": op, "id": job.id, "token": job.token, **extra}
             try:
                 try:
-                    await link.request(frame)
+                    await link.request(frame, epoch=job._epoch)
                 except TypeError:  # a result that is not JSON
                     frame["result"] = repr(extra.get("result"))
-                    await link.request(frame)
+                    await link.request(frame, epoch=job._epoch)
                 self._redis_ok()
                 return
             except (UnknownJob, StaleToken) as exc:
@@ -355,7 +355,7 @@ class Worker:
     async def _send_progress(self, job: Job, frame: dict[str, Any]) -> None:
         assert self.client is not None
         try:
-            await self.client.link.request(frame)
+            await self.client.link.request(frame, epoch=job._epoch)
         except (UnknownJob, StaleToken) as exc:
             # The broker runs a connection's frames concurrently: a progress right before the
             # ack may reach Redis after it. Only a job still running has lost its lease.
@@ -383,9 +383,9 @@ class Worker:
         assert self.client is not None
         link = self.client.link
         try:
-            if job._epoch == link.epoch and link.connected:
-                await link.request({"op": "touch", "id": job.id, "token": job.token})
-            else:
+            try:
+                await link.request({"op": "touch", "id": job.id, "token": job.token}, epoch=job._epoch)
+            except ConnectionLost:
                 await self.client.touch(job.queue, job.id, job.token)
         except (UnknownJob, StaleToken) as exc:
             self._lost(job, exc)

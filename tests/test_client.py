@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -35,22 +34,13 @@ from broker.transport import (
     error_from_frame,
     error_from_http,
 )
-from tests.servers import BrokerServer, RedisServer, free_port, wait_for
-
-_names = itertools.count()
-
-
-def qname(prefix: str = "cq") -> str:
-    """A queue name no other test uses (the module shares one broker and one Redis)."""
-    return f"{prefix}-{time.monotonic_ns()}-{next(_names)}"
+from tests.servers import BrokerServer, free_port, wait_for
+from tests.shared_broker import module_broker, qname
 
 
 @pytest.fixture(scope="module")
-def server(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
-    if not redis_server.running:
-        redis_server.start()
-    with BrokerServer(tmp_path_factory.mktemp("client-broker"), redis_server.url) as broker:
-        yield broker
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
+    yield from module_broker(request, tmp_path_factory)
 
 
 async def test_push_fetch_ack_nack_touch(server: BrokerServer) -> None:
@@ -205,6 +195,7 @@ async def test_operating_calls(server: BrokerServer) -> None:
 
         await client.register_worker("w-test", q, {"host": "h", "pid": 1, "processed": 0})
         assert "w-test" in await client.workers()
+        assert await client.workers(q) == ["w-test"]
         await client.unregister_worker("w-test", q)
         assert "w-test" not in await client.workers()
 

@@ -6,7 +6,6 @@ The worker classes are in tests/worker_apps.py, copied into each test's director
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import shutil
 import signal
@@ -24,26 +23,23 @@ from websockets.asyncio.client import connect
 from broker import Client
 from broker.errors import UnknownJob
 from tests.servers import REPO, BrokerServer, RedisServer, wait_for
+from tests.shared_broker import module_broker, qname
 
 FAST_RETRIES = {"queues": {"backoff_base": 0.1, "backoff_max": 0.2}}
-_names = itertools.count()
-
-
-def qname(prefix: str = "wq") -> str:
-    return f"{prefix}-{time.monotonic_ns()}-{next(_names)}"
 
 
 class WorkerProcess:
-    """``python -m broker worker <spec> --url <url> ...`` in ``directory`` (where jobs.py is)."""
+    """``python -m broker worker <spec> --url <url> ...`` in ``cwd`` (default ``directory``, where
+    jobs.py is), logging to a file in ``directory``."""
 
-    def __init__(self, directory: Path, url: str, spec: str, *args: str) -> None:
+    def __init__(self, directory: Path, url: str, spec: str, *args: str, cwd: Path | None = None) -> None:
         self.log_path = directory / f"worker-{time.monotonic_ns()}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRESQUE_")}
         env["PYTHONPATH"] = str(REPO)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "broker", "worker", spec, "--url", url, *args],
-                cwd=directory,
+                cwd=cwd or directory,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -71,11 +67,8 @@ class WorkerProcess:
 
 
 @pytest.fixture(scope="module")
-def server(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
-    if not redis_server.running:
-        redis_server.start()
-    with BrokerServer(tmp_path_factory.mktemp("worker-broker"), redis_server.url, config=FAST_RETRIES) as broker:
-        yield broker
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerServer]:
+    yield from module_broker(request, tmp_path_factory, config=FAST_RETRIES)
 
 
 @pytest.fixture
@@ -137,11 +130,12 @@ async def test_worker_acks_with_its_result_and_registers(
             assert {e["data"]["pid"] for e in acked} == {worker.proc.pid}
             assert any(e["event"] == "progress" and e["data"] == {"n": 0, "step": "started"} for e in events)
 
-            ids = await client.workers()
-            assert [i for i in ids if i.startswith("Echo@")] == [f"Echo@{os.uname().nodename}:{worker.proc.pid}"]
+            worker_id = f"Echo@{os.uname().nodename}:{worker.proc.pid}"
+            assert await client.workers(q) == [worker_id]
+            assert worker_id in await client.workers()
             worker.signal(signal.SIGTERM)
             assert worker.wait() == 0, worker.log()
-            assert not [i for i in await client.workers() if i.endswith(f":{worker.proc.pid}")]
+            assert worker_id not in await client.workers()
     finally:
         collector.cancel()
     log = worker.log()
@@ -164,6 +158,7 @@ async def test_failed_jobs_are_nacked_then_dead_lettered(
             return listing if listing["total"] else None
 
         listing = await wait_for(dead, 15, interval=0.05)
+        await processed(client, q, 1)  # the job that did not fail
         (entry,) = listing["jobs"]
         assert (entry["id"], entry["attempt"], entry["last_error"]) == (job_id, 2, "ValueError: bad input")
         info = await client.queue_info(q)
@@ -329,22 +324,50 @@ async def test_several_processes(
     async with Client(server.url) as client:
 
         async def two_registered() -> list[str] | None:
-            ids = [i for i in await client.workers() if i.startswith("Echo@")]
+            ids = await client.workers(q)
             return ids if len(ids) == 2 else None
 
         ids = await wait_for(two_registered, 10)
         pids = {int(i.rsplit(":", 1)[1]) for i in ids}
+
+        async def two_subscribed() -> bool:
+            return bool((await client.stats())["queues"].get(q, {}).get("consumers") == 2)
+
+        await wait_for(two_subscribed, 10)
         assert worker.proc.pid not in pids
         await client.push_many(q, [{"n": n, "sleep": 0.05, "log": str(log)} for n in range(40)])
         await processed(client, q, 40)
         assert {int(line[3]) for line in lines(log)} == pids  # both processes took jobs
         worker.signal(signal.SIGTERM)
         assert worker.wait() == 0, worker.log()
-        await wait_for(lambda: _none_registered(client, pids), 5)
+        assert await client.workers(q) == []
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
 
-async def _none_registered(client: Client, pids: set[int]) -> bool:
-    return not [i for i in await client.workers() if int(i.rsplit(":", 1)[1]) in pids]
+async def test_the_examples_run(server: BrokerServer, tmp_path: Path) -> None:
+    examples = REPO / "examples"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESQUE_")}
+    env["PYTHONPATH"] = str(REPO)
+    produced = subprocess.run(
+        [sys.executable, "producer.py", server.url], cwd=examples, env=env, capture_output=True, timeout=30
+    )
+    assert produced.returncode == 0, produced.stderr
+    assert b"pushed 1101 jobs" in produced.stdout
+    worker = WorkerProcess(tmp_path, server.url, "worker:Thumbnails", cwd=examples)
+    try:
+        async with Client(server.url) as client:
+            await processed(client, "images", 1101, timeout=30)
+
+            async def settled() -> bool:
+                info = await client.queue_info("images")
+                return (info["ready"], info["delayed"], info["leased"], info["dead"]) == (0, 0, 0, 1)
+
+            await wait_for(settled, 10)
+            (dead,) = (await client.dead("images"))["jobs"]
+            assert dead["last_error"] == "ValueError: bad width 0"
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.stop()
