@@ -125,8 +125,12 @@ class QueueFeed:
             await self.hub.runtime.notifier.unsubscribe(channel, self._on_wake)
 
     def _wanted(self) -> dict[Group, int]:
+        """Credit per group, the groups in the order of the round-robin: each fetch takes the
+        queue's head, so the group fetched first must not always be the same (say, the one of
+        the oldest connection), or that group's consumers alone would get the retried jobs."""
         wanted: dict[Group, int] = {}
-        for conn in self.connections:
+        start = self._rotation % len(self.connections) if self.connections else 0
+        for conn in self.connections[start:] + self.connections[:start]:
             group = self._group(conn)
             credit = self._room(conn)
             if group is not None and credit > 0:
