@@ -172,8 +172,10 @@ class Runtime:
                 log.debug("housekeeping skipped: %s", exc)
             except Exception:
                 log.exception("housekeeping failed")
+            # Wake on the interval's boundaries: every process competes for the lock at the same
+            # moment, so the history points are taken one per interval, not two in one and none in the next.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval)
+                await asyncio.wait_for(self.stopping.wait(), interval - time.time() % interval)
 
     async def reap_all(self) -> None:
         """Reap every known queue once (leases, delayed, ttl, tombstones)."""
