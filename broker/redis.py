@@ -56,6 +56,8 @@ MIN_REDIS_VERSION = (6, 2)
 # sun_path is 108 bytes on Linux (104 on macOS), terminating NUL included.
 _MAX_UNIX_PATH = 100
 _HEALTH_CHECK_INTERVAL = 10
+# Redis connections one broker process may open (Redis's maxclients defaults to 10,000).
+POOL_SIZE = 512
 
 
 def find_redis_server() -> str:
@@ -323,7 +325,12 @@ def create_redis(settings: RedisSettings, url_override: str | None = None, *, re
     url = url_override or settings.url
     if url is None:
         raise ConfigError("redis.url: no Redis to connect to (start EmbeddedRedis and pass its url)")
-    client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url, **options)
+    # A blocking pool: past POOL_SIZE calls in flight, the next one waits (up to socket_timeout) for
+    # a free connection; redis-py's default pool fails it with "Too many connections" past 100.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE, timeout=settings.socket_timeout, **options
+    )
+    client: redis.asyncio.Redis = redis.asyncio.Redis.from_pool(pool)
     return client
 
 
@@ -374,7 +381,9 @@ def _create_sentinel(settings: RedisSettings, options: dict[str, Any]) -> Sentin
         [_host_port(node) for node in settings.sentinels],
         sentinel_kwargs={"socket_timeout": settings.socket_timeout, "socket_connect_timeout": settings.socket_timeout},
     )
-    client: SentinelRedis = sentinel.master_for(settings.sentinel_master, redis_class=SentinelRedis, **options)
+    client: SentinelRedis = sentinel.master_for(
+        settings.sentinel_master, redis_class=SentinelRedis, max_connections=POOL_SIZE, **options
+    )
     client.sentinel_manager = sentinel
     return client
 
