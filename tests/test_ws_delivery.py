@@ -121,7 +121,7 @@ async def test_disconnect_returns_held_jobs_at_once(broker: RunningBroker, http:
             await other.call("subscribe", queue="q")
             assert await other.silent("job", 0.2)
         # The lease is 300 s: only the disconnect can have given them back.
-        again = await other.jobs(3, timeout=2)
+        again = await other.jobs(3, timeout=5)
         assert [j["id"] for j in again] == ids
         assert all(j["attempt"] == 2 for j in again)
         for job_id in ids:
@@ -247,7 +247,7 @@ async def test_stats_stream(broker: RunningBroker, http: httpx.AsyncClient) -> N
         await ws.jobs(1)
         await ws.call("watch", topic="stats")
         first, stats = [await ws.expect("stats", timeout=3) for _ in range(2)]
-        assert 0.5 < stats["ts"] - first["ts"] < 2.0  # about once a second
+        assert 0.5 < stats["ts"] - first["ts"] < 3.0  # about once a second
         assert {"ts", "totals", "queues", "processes", "workers"} <= set(stats)
         q = stats["queues"]["q"]
         assert q["ready"] == 2 and q["leased"] == 1 and q["pushed"] == 3 and q["consumers"] == 1

@@ -69,7 +69,7 @@ async def test_connections_over_the_limit_are_closed_with_1013(redis_url: str) -
 
 
 async def test_idle_connections_close_and_busy_ones_stay(redis_url: str) -> None:
-    config = {"websocket": {"idle_timeout": 0.5, "ping_interval": 0.1, "ping_timeout": 1.0}}
+    config = {"websocket": {"idle_timeout": 1.0, "ping_interval": 0.1, "ping_timeout": 3.0}}
     async with presque_server(redis_url, config) as broker:
         async with ws_connect(broker.ws_url) as idle, ws_connect(broker.ws_url) as consumer:
             await consumer.call("subscribe", queue="q")
