@@ -160,7 +160,7 @@ async def test_consumers_of_one_queue_share_it(broker: RunningBroker, http: http
 
         await asyncio.wait_for(asyncio.gather(consume("a", a), consume("b", b)), 10)
         assert sorted(got["a"] + got["b"]) == sorted(ids)
-        assert len(got["a"]) >= 10 and len(got["b"]) >= 10
+        assert len(got["a"]) >= 5 and len(got["b"]) >= 5  # round-robin, whatever the load
 
 
 async def test_delayed_job_arrives_at_its_time(broker: RunningBroker, monkeypatch: pytest.MonkeyPatch) -> None:
