@@ -14,13 +14,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from broker import __version__
 from broker.auth import ROUTE_ROLES
 from broker.config import Settings
 from broker.models import dumps
 from broker.params import MAX_DELAY
 
 Schema = dict[str, Any]
-VERSION = "0.1.0"
 SETTLE_ACTIONS = ("ack", "nack", "touch")
 
 
@@ -37,7 +37,21 @@ STRING: Schema = {"type": "string"}
 INT: Schema = {"type": "integer", "minimum": 0}
 NUMBER: Schema = {"type": "number"}
 ANY_JSON: Schema = {"description": "any JSON value"}
-STRINGS: Schema = {"type": "array", "items": STRING}
+BOOL: Schema = {"type": "boolean"}
+NULLABLE_NUMBER: Schema = {"type": ["number", "null"]}
+NULLABLE_STRING: Schema = {"type": ["string", "null"]}
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def ints(names: str) -> dict[str, Schema]:
+    """Non-negative integer properties, by space-separated names."""
+    return dict.fromkeys(names.split(), INT)
+
+
+STRINGS = array(STRING)
 
 SCHEMAS: dict[str, Schema] = {
     "Error": obj({"error": STRING}),
@@ -50,21 +64,8 @@ SCHEMAS: dict[str, Schema] = {
     "Pushed": obj({"id": STRING, "queue": STRING}),
     "PushedBatch": obj({"ids": STRINGS, "queue": STRING}),
     "QueueInfo": obj(
-        {
-            "queue_name": STRING,
-            "job_count": INT,
-            "job_failed": INT,
-            "job_processed": INT,
-            "ready": INT,
-            "delayed": INT,
-            "leased": INT,
-            "dead": INT,
-            "paused": {"type": "boolean"},
-            "pushed": INT,
-            "retried": INT,
-            "expired": INT,
-            "dead_lettered": INT,
-        }
+        {"queue_name": STRING, "paused": BOOL}
+        | ints("job_count job_failed job_processed ready delayed leased dead pushed retried expired dead_lettered")
     ),
     "Job": obj(
         {
@@ -75,7 +76,7 @@ SCHEMAS: dict[str, Schema] = {
             "priority": {"type": "integer", "minimum": 0, "maximum": 9},
             "created_at": NUMBER,
             "run_at": NUMBER,
-            "last_error": {"type": ["string", "null"]},
+            "last_error": NULLABLE_STRING,
             "failures": INT,
             "max_attempts": INT,
             "body": ANY_JSON,
@@ -85,54 +86,26 @@ SCHEMAS: dict[str, Schema] = {
     "Nacked": obj({"id": STRING, "status": {"enum": ["ready", "delayed", "dead", "expired"]}, "run_at": NUMBER}),
     "Touched": obj({"id": STRING, "status": {"const": "leased"}, "deadline": NUMBER}),
     "QueueList": obj({"queues": STRINGS, "size": INT}),
-    "QueueSize": obj({"queue": STRING, "size": INT}, {"jobs": {"type": "array", "items": ANY_JSON}}),
+    "QueueSize": obj({"queue": STRING, "size": INT}, {"jobs": array(ANY_JSON)}),
     "Control": obj({"queue": STRING, "status": {"enum": [0, 1]}}),
     "ControlUpdated": obj({"queue": STRING, "response": {"const": "updated"}}),
     "DeadList": obj(
         {
             "total": INT,
-            "jobs": {
-                "type": "array",
-                "items": obj(
-                    {
-                        "id": STRING,
-                        "attempt": INT,
-                        "last_error": {"type": ["string", "null"]},
-                        "failed_at": NUMBER,
-                        "body": ANY_JSON,
-                    }
-                ),
-            },
+            "jobs": array(
+                obj(
+                    {"id": STRING, "attempt": INT, "last_error": NULLABLE_STRING, "failed_at": NUMBER, "body": ANY_JSON}
+                )
+            ),
         }
     ),
     "DeadRetried": obj({"queue": STRING, "retried": INT}),
     "WorkersOfQueue": obj({"queue_name": STRING, "workers_list": STRINGS, "processed": INT, "failed": INT}),
     "WorkerRegistered": obj({"queue": STRING, "worker": STRING}),
     "QueueStats": obj(
-        {
-            name: INT
-            for name in (
-                "ready",
-                "delayed",
-                "leased",
-                "dead",
-                "consumers",
-                "pushed",
-                "processed",
-                "failed",
-                "retried",
-                "dead_lettered",
-                "expired",
-            )
-        }
-        | {
-            "paused": {"type": "boolean"},
-            "push_rate": NUMBER,
-            "ack_rate": NUMBER,
-            "oldest_age": {"type": ["number", "null"]},
-            "latency_p50": {"type": ["number", "null"]},
-            "latency_p99": {"type": ["number", "null"]},
-        }
+        ints("ready delayed leased dead consumers pushed processed failed retried dead_lettered expired")
+        | {"paused": BOOL, "push_rate": NUMBER, "ack_rate": NUMBER}
+        | dict.fromkeys(("oldest_age", "latency_p50", "latency_p99"), NULLABLE_NUMBER)
     ),
     "Stats": obj(
         {
@@ -146,9 +119,7 @@ SCHEMAS: dict[str, Schema] = {
             "workers_count": INT,
         }
     ),
-    "Series": obj(
-        {name: {"type": "array", "items": {"type": ["number", "null"]}} for name in ("pushed", "processed", "ready")}
-    ),
+    "Series": obj(dict.fromkeys(("pushed", "processed", "ready"), array(NULLABLE_NUMBER))),
     "History": obj(
         {
             "step": {"enum": [1, 60]},
@@ -160,8 +131,8 @@ SCHEMAS: dict[str, Schema] = {
     "Health": obj({"status": {"enum": ["ok", "unavailable"]}}, {"error": STRING}),
     "Auth": obj(
         {
-            "auth": {"type": "boolean"},
-            "name": {"type": ["string", "null"]},
+            "auth": BOOL,
+            "name": NULLABLE_STRING,
             "roles": obj({"produce": STRINGS, "consume": STRINGS, "admin": STRINGS}),
         }
     ),
@@ -415,6 +386,17 @@ def operations(settings: Settings) -> dict[str, dict[str, dict[str, Any]]]:
                 "responses": {"200": reply("series", ref("History"))},
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Every figure of the deployment in Prometheus text format (docs/deploy.md)",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": STRING}},
+                    }
+                },
+            }
+        },
         "/health": {
             "get": {
                 "summary": "200 when Redis answers, else 503",
@@ -504,7 +486,7 @@ def document(settings: Settings, *, dashboard: bool = True) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "presque",
-            "version": VERSION,
+            "version": __version__,
             "description": (
                 "A job queue broker on Redis, compatible with presque's REST API. Errors are "
                 '{"error": "<message>"}. GET routes also answer HEAD. WebSockets (/ws, /ws/{queue}) '
