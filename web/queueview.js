@@ -138,8 +138,8 @@ export class QueueView {
       el.deadRows);
     el.deadEmpty = h('p', { class: 'muted', testid: 'dead-empty', hidden: true }, 'No dead letters.');
     el.deadPage = h('span', { class: 'muted', testid: 'dead-page' });
-    el.deadPrev = h('button', { testid: 'dead-prev', onclick: () => this._page(-1) }, '← Newer');
-    el.deadNext = h('button', { testid: 'dead-next', onclick: () => this._page(1) }, 'Older →');
+    el.deadPrev = h('button', { testid: 'dead-prev', onclick: () => this._page(-1) }, '← Older');
+    el.deadNext = h('button', { testid: 'dead-next', onclick: () => this._page(1) }, 'Newer →');
     const deadRefresh = h('button', { testid: 'btn-dead-refresh', onclick: () => busy(deadRefresh, () => this.loadDead()) }, 'Refresh');
     const retryAll = h('button', { testid: 'btn-dead-retry-all', onclick: () => this._retry(retryAll, null) }, 'Retry all');
     const deleteAll = h('button', { class: 'danger', testid: 'btn-dead-delete-all', onclick: () => this._deleteAll(deleteAll) }, 'Delete all…');
@@ -153,19 +153,20 @@ export class QueueView {
     } }, 'Pause');
     const evClear = h('button', { testid: 'btn-events-clear', onclick: () => el.events.replaceChildren() }, 'Clear');
 
+    // Peek and events side by side; the dead-letter table, the widest, gets the full width.
     this.body.replaceChildren(
       h('div', { class: 'panels' },
         h('section', { class: 'panel', testid: 'peek-panel', 'aria-labelledby': 'peek-h' },
           h('div', { class: 'panel-head' }, h('h2', { id: 'peek-h' }, 'Next ready jobs ', el.peekSize), peekRefresh),
           el.peekList, el.peekEmpty),
-        h('section', { class: 'panel admin', testid: 'dead-panel', 'aria-labelledby': 'dead-h' },
-          h('div', { class: 'panel-head' }, h('h2', { id: 'dead-h' }, 'Dead letters ', el.deadTotal),
-            h('div', { class: 'controls' }, deadRefresh, retryAll, deleteAll)),
-          el.deadTable, el.deadEmpty,
-          (el.pager = h('div', { class: 'pager', hidden: true }, el.deadPrev, el.deadPage, el.deadNext)))),
-      h('section', { class: 'panel', testid: 'events-panel', 'aria-labelledby': 'ev-h' },
-        h('div', { class: 'panel-head' }, h('h2', { id: 'ev-h' }, 'Live job events'), h('div', { class: 'controls' }, evPause, evClear)),
-        el.eventsNote, el.events),
+        h('section', { class: 'panel', testid: 'events-panel', 'aria-labelledby': 'ev-h' },
+          h('div', { class: 'panel-head' }, h('h2', { id: 'ev-h' }, 'Live job events'), h('div', { class: 'controls' }, evPause, evClear)),
+          el.eventsNote, el.events)),
+      h('section', { class: 'panel admin', testid: 'dead-panel', 'aria-labelledby': 'dead-h' },
+        h('div', { class: 'panel-head' }, h('h2', { id: 'dead-h' }, 'Dead letters ', el.deadTotal),
+          h('div', { class: 'controls' }, deadRefresh, retryAll, deleteAll)),
+        el.deadTable, el.deadEmpty,
+        (el.pager = h('div', { class: 'pager', hidden: true }, el.deadPrev, el.deadPage, el.deadNext))),
     );
     this.applyAdmin();
   }
@@ -228,7 +229,7 @@ export class QueueView {
     const retry = h('button', { testid: `btn-dead-retry-${job.id}`, onclick: () => this._retry(retry, [job.id]) }, 'Retry');
     const del = h('button', { class: 'danger', testid: `btn-dead-delete-${job.id}`, onclick: () => this._deleteOne(del, job.id) }, 'Delete');
     return h('tr', { testid: `dead-row-${job.id}`, dataset: { job: job.id } },
-      h('td', { 'data-label': 'Job' }, h('code', {}, job.id)),
+      h('td', { 'data-label': 'Job', class: 'id' }, h('code', {}, job.id)),
       h('td', { 'data-label': 'Attempt', class: 'num' }, String(job.attempt ?? '–')),
       h('td', { 'data-label': 'Failed', title: job.failed_at ? new Date(job.failed_at * 1000).toISOString() : '' }, fmt.ago(job.failed_at)),
       h('td', { 'data-label': 'Last error', class: 'error' }, job.last_error ?? '–'),
