@@ -165,9 +165,9 @@ class Worker:
         self._changed = asyncio.Event()
         if not self._async_work:
             self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"presque-{self.name}")
+        await self._call(self.setup)  # if it raises, nothing is connected yet
         self.client = client = Client(self.url, token=self.token, timeout=10.0)
         client.link.on_error = self._on_broker_error
-        await self._call(self.setup)
         heartbeat = asyncio.create_task(self._heartbeat(), name="presque-heartbeat")
         keeper = asyncio.create_task(self._keep_leases(), name="presque-leases")
         try:

@@ -151,6 +151,7 @@ class Supervisor:
         self.started_at: dict[int, float] = {}
         self.failures: dict[int, int] = {}
         self.signals = 0
+        self.last_signal = 0
 
     def _start(self, slot: int) -> None:
         name = f"presque-worker-{slot}"
@@ -161,6 +162,7 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals += 1
+        self.last_signal = signum
         if self.signals == 1:
             log.info("received %s: stopping %d worker processes", signal.Signals(signum).name, len(self.children))
             self._send(signal.SIGTERM)
@@ -208,4 +210,4 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return 128 + self.last_signal if self.signals > 1 else 0

@@ -151,7 +151,7 @@ async def test_failed_jobs_are_nacked_then_dead_lettered(
     worker = start_worker(server.url, spec, "--queue", q)
     async with Client(server.url) as client:
         job_id = await client.push(q, {"fail": "bad input", "fail_log": str(fail_log)}, max_attempts=2)
-        ok_id = await client.push(q, {"n": 1})
+        ok_id = await client.push(q, {"n": 1, "progress": True})
 
         async def dead() -> dict[str, Any] | None:
             listing = await client.dead(q)
@@ -281,6 +281,27 @@ async def test_worker_survives_a_broker_restart(
     assert log.count("connected to the broker") == 2, log
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+async def test_job_running_across_a_broker_crash_is_acked_over_http(
+    redis_url: str, make_broker: Callable[..., BrokerServer], start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    server = make_broker(redis_url)
+    q = qname()
+    mark, log = tmp_path / "started", tmp_path / "log"
+    worker = start_worker(server.url, "jobs:Echo", "--queue", q)
+    async with Client(server.url) as client:
+        job_id = await client.push(q, {"n": 1, "sleep": 1.5, "mark": str(mark), "log": str(log)})
+    await wait_for(mark.exists, 10)
+    server.kill()  # no lease is returned: the job stays leased to the worker in Redis
+    server.start()
+    async with Client(server.url) as client:
+        info = await processed(client, q, 1)
+        assert (info["leased"], info["ready"], info["retried"]) == (0, 0, 0)
+        with pytest.raises(UnknownJob):
+            await client.job(q, job_id)
+    assert len(lines(log)) == 1  # ran once: acked with its token over HTTP after the reconnection
+    assert "lost its lease" not in worker.log()
 
 
 async def test_worker_survives_a_redis_outage(
