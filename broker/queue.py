@@ -325,10 +325,12 @@ class QueueService:
         if isinstance(self.redis, RedisCluster):
             # redis-py refuses scripts in a cluster pipeline; one call per queue, all at once.
             return list(await asyncio.gather(*(self.info(queue) for queue in queues)))
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in queues:
-            await self.scripts.info(keys=keys.queue_keys(queue).all(), args=[], client=pipe)
-        raw = await pipe.execute()
+        # As a context manager: a pipeline whose SCRIPT EXISTS check fails (Redis frozen or gone)
+        # keeps its connection until reset, which execute() alone does not do on that path.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                await self.scripts.info(keys=keys.queue_keys(queue).all(), args=[], client=pipe)
+            raw = await pipe.execute()
         return [self._parse_info(q, r) for q, r in zip(queues, raw, strict=True)]
 
     @staticmethod

@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import keys
 from broker import queue as queue_module
@@ -19,7 +23,7 @@ from broker.errors import JobExists, NoJob, StaleToken, UnknownJob
 from broker.models import JobState, PushOptions, new_job_id
 from broker.queue import QueuePolicy, QueueService
 from tests.invariants import check_queue
-from tests.servers import wait_for
+from tests.servers import RedisServer, wait_for
 
 pytestmark = pytest.mark.core
 
@@ -802,6 +806,30 @@ async def test_info_counters_sizes_and_oldest_age(service: QueueService, redis: 
     many = await service.info_many([Q, "other"])
     assert [i.queue for i in many] == [Q, "other"] and many[0].ready == 1 and many[1].ready == 0
     assert await service.info_many([]) == []
+
+
+async def test_info_many_gives_its_connection_back_when_redis_freezes(
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    server = make_redis_server()
+    pool = aioredis.BlockingConnectionPool(
+        host="127.0.0.1", port=server.port, max_connections=1, timeout=1.0, socket_timeout=0.3
+    )
+    client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    try:
+        service = QueueService(client)
+        await service.push(Q, b"1", opts())
+        server.pause()
+        try:
+            with pytest.raises((RedisTimeoutError, RedisConnectionError)):
+                await service.info_many([Q, "other"])
+        finally:
+            server.resume()
+        # The pool's only connection came back: the next call gets it.
+        assert (await service.info_many([Q]))[0].ready == 1
+    finally:
+        await client.aclose()
+        await pool.aclose()  # a pool handed to a client is not closed with it
 
 
 async def test_job_view_follows_every_state(service: QueueService, redis: aioredis.Redis) -> None:
