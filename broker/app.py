@@ -29,6 +29,8 @@ from broker import http, openapi
 from broker.auth import AccessMiddleware, auth_routes, redacted_logs
 from broker.config import Settings
 from broker.errors import BrokerError, Unavailable
+from broker.logs import RequestIdMiddleware
+from broker.metrics import LatencyExporter, metrics_routes
 from broker.models import dumps
 from broker.ops import ops_routes
 from broker.redis import EmbeddedRedis, check_redis, create_redis
@@ -98,10 +100,13 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
                 runtime = Runtime(settings, client)
                 app.state.runtime = runtime
                 await runtime.start()
+                exporter = app.state.latency_exporter = LatencyExporter(runtime, settings.queues.reap_interval)
+                await exporter.start()
                 try:
                     yield
                 finally:
                     await runtime.stop()
+                    await exporter.stop()
             finally:
                 await client.aclose()
                 if embedded is not None:
@@ -112,6 +117,7 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
         *ops_routes(),
         *websocket_routes(),
         *auth_routes(),
+        *metrics_routes(),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
     web = web_dir or WEB_DIR
@@ -146,15 +152,23 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
 
 # Headers a cross-origin page may send and read (CORS); see docs/security.md.
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-presque-workerid")
-CORS_RESPONSE_HEADERS = ("Location", "Retry-After", "X-Presque-Job-Id", "X-Presque-Attempt", "X-Presque-Lease-Token")
+CORS_RESPONSE_HEADERS = (
+    "Location",
+    "Retry-After",
+    "X-Presque-Job-Id",
+    "X-Presque-Attempt",
+    "X-Presque-Lease-Token",
+    "X-Request-Id",
+)
 
 
 def middleware(settings: Settings, routes: list[BaseRoute]) -> list[Middleware]:
-    """CORS (outermost, so that preflights and refusals carry its headers), then access control.
+    """Request ids (outermost: every log line of a request has it), CORS (so that preflights and
+    refusals carry its headers), then access control.
 
     Without ``server.cors_origins`` no CORS header is sent: browsers allow same-origin pages only.
     """
-    stack = []
+    stack = [Middleware(RequestIdMiddleware)]
     if settings.server.cors_origins:
         stack.append(
             Middleware(

@@ -140,6 +140,7 @@ ROUTE_ROLES: Mapping[tuple[str, str], Need | None] = {
     ("/w/{queue}", "DELETE"): CONSUME,
     ("/stats", "GET"): ADMIN_ALL,
     ("/stats/history", "GET"): ADMIN_ALL,
+    ("/metrics", "GET"): ADMIN_ALL,
     ("/health", "GET"): None,
     ("/openapi.json", "GET"): None,
     ("/asyncapi.json", "GET"): None,

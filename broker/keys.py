@@ -21,6 +21,8 @@ presque:{q}:stats         hash    counters since creation (pushed, processed, ..
 presque:{q}:state         hash    paused flag, rate-limit bucket
 presque:{q}:done          zset    id -> completed_at, recent acks (to answer 409, not 404)
 presque:{q}:workers       set     worker ids registered on the queue (``/w/``)
+presque:{q}:latency       hash    delivery latency histogram since creation: bucket index ->
+                                  count, ``sum`` -> seconds (``/metrics``; see ``stats.py``)
 ========================  ======  ====================================================
 
 Global (one slot each, never touched together with a queue's keys in one script):
@@ -74,6 +76,7 @@ class QueueKeys:
     state: str
     done: str
     workers: str
+    latency: str
 
     def all(self) -> list[str]:
         """Every key of the queue, in the order that all Lua scripts receive as KEYS."""
@@ -108,6 +111,7 @@ def queue_keys(queue: str) -> QueueKeys:
         state=base + "state",
         done=base + "done",
         workers=base + "workers",
+        latency=base + "latency",
     )
 
 

@@ -32,9 +32,11 @@ class LatencyHistogram:
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        self.sum = 0.0  # seconds, for /metrics
 
     def record(self, seconds: float) -> None:
         self.counts[bisect.bisect_left(LATENCY_BOUNDS_MS, seconds * 1000)] += 1
+        self.sum += seconds
 
     @staticmethod
     def quantile(counts: list[int], q: float) -> float | None:

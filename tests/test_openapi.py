@@ -272,6 +272,7 @@ async def exercise_everything(client: httpx.AsyncClient) -> None:
     assert (await client.get("/stats")).status_code == 200
     assert (await client.get("/stats/history", params={"range": "24h"})).status_code == 200
     assert (await client.get("/stats/history", params={"range": "1y"})).status_code == 400
+    assert (await client.get("/metrics")).status_code == 200
     assert (await client.get("/health")).status_code == 200
     assert (await client.get("/openapi.json")).status_code == 200
     assert (await client.get("/asyncapi.json")).status_code == 200
