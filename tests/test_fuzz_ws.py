@@ -297,6 +297,7 @@ async def paced(producer: WsProducer, stop: asyncio.Event) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(120)  # typically ~20 s; generous for a loaded CI machine
 async def test_fuzzed_frames_get_errors_or_clean_closes_and_hurt_no_one(
     redis_url: str, redis: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
