@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import timeit
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -140,10 +141,20 @@ def machine(src: Path) -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
         "cpu": model,
+        "cpu_index_us": cpu_index(),
         "python": platform.python_version(),
         "kernel": platform.release(),
         "commit": _git_commit(src),
     }
+
+
+def cpu_index() -> float:
+    """Best time of ``sum(range(1000))`` in µs: how fast this machine runs Python right now.
+
+    About 8-10 µs on an idle modern x86 core; a figure two or three times higher says the machine
+    was busy (shared cores), and every other figure of the run is low in the same proportion.
+    """
+    return round(min(timeit.repeat("sum(range(1000))", number=2000, repeat=9)) / 2000 * 1e6, 1)
 
 
 def _git_commit(src: Path) -> str:
@@ -163,7 +174,8 @@ def _git_commit(src: Path) -> str:
 def header(info: dict[str, Any]) -> str:
     return (
         f"presque bench — {info['date']} — {info['nproc']} x {info['cpu']} — Python {info['python']} — "
-        f"Redis {info['redis']} — commit {info['commit']}{' — quick' if info.get('quick') else ''}"
+        f"Redis {info['redis']} — commit {info['commit']} — CPU index {info['cpu_index_us']} µs"
+        f"{' — quick' if info.get('quick') else ''}"
     )
 
 

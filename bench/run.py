@@ -27,7 +27,7 @@ from bench.context import Bench, other_cpu, redis_cost
 from bench.harness import Measurement
 from bench.procs import REPO, RedisProc, raise_nofile
 from bench.profiler import TOOLS, Profiler
-from bench.report import Row, header, latency_ms, machine, now_iso, progress, table, write_json
+from bench.report import Row, cpu_index, header, latency_ms, machine, now_iso, progress, table, write_json
 
 BUSY = 0.3  # cores used by other processes beyond which a scenario's figures are suspect
 GROUPS = ("push", "consume", "e2e", "latency", "idle", "scale")
@@ -212,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     ratios(b, rows)
+    info["cpu_index_end_us"] = cpu_index()
     elapsed = time.monotonic() - started
     info["elapsed_s"] = round(elapsed, 1)
     print(header(info))
     print()
     print(table(rows))
     print()
+    print(f"CPU index at the end: {info['cpu_index_end_us']} µs (sum(range(1000)); ~8-10 µs on an idle core).")
     print(f"{len(rows)} rows in {elapsed:.0f} s; xbase: jobs/s ÷ the baseline's (LPUSH for pushes, BRPOP for")
     print("consumption), or for latencies p50 ÷ the LPUSH→BRPOP p50, or Redis µs/job ÷ LPUSH+BRPOP's.")
     busy = [r for r in rows if (r.figures.get("other_cpu") or 0) > BUSY]
