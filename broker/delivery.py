@@ -62,6 +62,7 @@ class DeliveryHub:
         self._publisher: Coalescer[tuple[str, bytes], None] = Coalescer(self._flush_publishes)
         self._event_watchers: dict[str, set[Connection]] = {}  # queue or ALL -> connections
         self._watched: set[str] = set()  # queues (or ALL) someone watches, on any process
+        self._announced: dict[str, float] = {}  # watches heard of on the control channel -> when
         self._event_buffer: list[bytes] = []
         self._flushing_events = False
         self._stats_watchers: set[Connection] = set()
@@ -227,6 +228,7 @@ class DeliveryHub:
             name = orjson.loads(payload).get("watch")
             if isinstance(name, str):
                 self._watched.add(name)
+                self._announced[name] = time.monotonic()
 
     async def _refresh_quietly(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -251,7 +253,11 @@ class DeliveryHub:
                 stale.append(name)
         if stale:
             await self.runtime.redis.hdel(keys.WATCHED, *stale)
-        self._watched = watched | set(self._event_watchers)
+        # A watch announced while this refresh was reading the hash may be missing from what it
+        # read: keep what the control channel said for a while.
+        recent = time.monotonic() - WATCH_TTL
+        self._announced = {n: t for n, t in self._announced.items() if t > recent}
+        self._watched = watched | set(self._event_watchers) | set(self._announced)
 
     def emit_events(self, queue: str, events: list[EventItem]) -> None:
         """Publish job lifecycle events, only while someone (on any process) watches the queue.
