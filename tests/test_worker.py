@@ -6,6 +6,7 @@ The worker classes are in tests/worker_apps.py, copied into each test's director
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -138,6 +139,8 @@ async def test_worker_acks_with_its_result_and_registers(
             assert worker_id not in await client.workers()
     finally:
         collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector  # closes its WebSocket before the test's event loop goes
     log = worker.log()
     assert "connected to the broker" in log and "20 processed, 0 failed" in log
 
