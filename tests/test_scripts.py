@@ -813,12 +813,12 @@ async def test_info_many_gives_its_connection_back_when_redis_freezes(
 ) -> None:
     server = make_redis_server()
     pool = aioredis.BlockingConnectionPool(
-        host="127.0.0.1", port=server.port, max_connections=1, timeout=1.0, socket_timeout=0.3
+        host="127.0.0.1", port=server.port, max_connections=1, timeout=2.0, socket_timeout=1.0
     )
     client = aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
     try:
         service = QueueService(client)
-        await service.push(Q, b"1", opts())
+        await service.push(Q, b"1", opts())  # the pool's one connection is now open
         server.pause()
         try:
             with pytest.raises((RedisTimeoutError, RedisConnectionError)):
