@@ -138,6 +138,8 @@ function chartOptions(kind, width, step, window) {
     width: 2,
     fill: color + '22',
     spanGaps: false,
+    // A single missing point (a busy second) is bridged; longer gaps (a broker restart) show.
+    gaps: (u, sidx, idx0, idx1, gaps) => gaps.filter(([a, b]) => u.posToVal(b, 'x') - u.posToVal(a, 'x') > 2.5 * step),
     points: { show: false },
     value: (u, v) => (v == null ? '–' : f(v)),
   });
