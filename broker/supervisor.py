@@ -28,6 +28,7 @@ from multiprocessing.reduction import ForkingPickler
 from types import FrameType
 from typing import Any
 
+from broker.auth import warn_if_exposed
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.logs import setup_logging
@@ -55,6 +56,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> int:
     if workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
     setup_logging(settings.server)
+    warn_if_exposed(host, settings)
     if workers == 1:
         _run_worker(settings, None, host, port, None)
         return 0
