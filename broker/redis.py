@@ -46,6 +46,7 @@ __all__ = [
     "check_redis",
     "create_redis",
     "find_redis_server",
+    "preflight",
     "publish_many",
     "pubsub_client",
 ]
@@ -443,6 +444,24 @@ async def check_redis(client: RedisClient, settings: RedisSettings) -> RedisInfo
         found = [await _check_server(client, settings, {"target_nodes": node}) for node in client.get_primaries()]
         return found[0]
     return await _check_server(client, settings, {})
+
+
+async def preflight(settings: RedisSettings) -> RedisInfo:
+    """Connect to the configured (not embedded) Redis once, :func:`check_redis` it, disconnect.
+
+    ``presque serve`` calls it before serving, so that a Redis it must refuse or cannot reach
+    stops it with one line instead of a failed application start-up and its traceback.
+
+    Raises:
+        RedisSetupError: the check failed, or Redis did not answer.
+    """
+    client = create_redis(settings)
+    try:
+        return await check_redis(client, settings)
+    except (redis.RedisError, OSError) as exc:
+        raise RedisSetupError(f"cannot use Redis: {exc}") from exc
+    finally:
+        await client.aclose()
 
 
 async def _check_server(client: RedisClient, settings: RedisSettings, target: dict[str, Any]) -> RedisInfo:

@@ -14,6 +14,7 @@ and process registries and pub/sub all live there, so any worker may serve any c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -52,11 +53,16 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> int:
 
     Raises:
         ConfigError: ``workers`` is below 1.
+        RedisSetupError: the configured Redis is unreachable or would lose jobs.
     """
     if workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
     setup_logging(settings.server)
     warn_if_exposed(host, settings)
+    if not settings.redis.embedded:
+        from broker.redis import preflight
+
+        asyncio.run(preflight(settings.redis))
     if workers == 1:
         _run_worker(settings, None, host, port, None)
         return 0
