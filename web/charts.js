@@ -28,7 +28,9 @@ export class History {
     this.keys = new Map();
     this.prev = null;
     const step = hist?.step || this.step;
-    const n = hist?.totals?.ready?.length ?? hist?.totals?.pushed?.length ?? 0;
+    let n = hist?.totals?.ready?.length ?? hist?.totals?.pushed?.length ?? 0;
+    // The newest slots may not be recorded yet: end at the last recorded point, where live frames continue.
+    while (n > 0 && hist.totals.ready?.[n - 1] == null) n--;
     for (let i = 0; i < n; i++) {
       const t = hist.start + i * step;
       this.t.push(t);
@@ -55,14 +57,17 @@ export class History {
     return s;
   }
 
-  /** Add one live stats frame: counter deltas since the previous frame and the ready depth. */
+  /**
+   * Add one live stats frame: counter deltas since the previous frame and the ready depth (the
+   * first frame after a load has no previous one: its point has the depth only).
+   */
   addFrame(frame) {
     const ts = frame.ts;
     const counts = new Map([[TOTAL, frame.totals ?? {}], ...Object.entries(frame.queues ?? {})]);
     const prev = this.prev;
     this.prev = { ts, counts };
-    if (!prev || !(ts > prev.ts)) return false;
-    const dt = ts - prev.ts;
+    if (prev && !(ts > prev.ts)) return false;
+    const dt = prev ? ts - prev.ts : 0;
     const last = this.t.length - 1;
     const lastT = this.t[last];
     // Per-second points are the frames themselves; per-minute points gather a minute's frames.
@@ -73,11 +78,11 @@ export class History {
       this.secs[i] += dt;
     } else {
       if (last >= 0 && bucket - lastT > Math.max(5, 3 * this.step)) this._push(lastT + this.step, null); // a gap
-      i = this._push(bucket, dt);
+      i = this._push(bucket, dt || this.step);
     }
     for (const [key, cur] of counts) {
       const s = this._series(key);
-      const was = prev.counts.get(key);
+      const was = prev?.counts.get(key);
       for (const m of ['pushed', 'processed']) {
         const d = was && cur[m] != null && was[m] != null ? cur[m] - was[m] : null;
         if (d == null || d < 0) continue; // unknown, or the counter was reset
@@ -130,6 +135,7 @@ function cssVar(name) {
 }
 
 function chartOptions(kind, width, step, window) {
+  const bridge = Math.max(4, 2.5 * step); // seconds
   const axis = { stroke: cssVar('--muted'), grid: { stroke: cssVar('--grid'), width: 1 }, ticks: { show: false } };
   const x = { ...axis, space: step === 1 ? 80 : 60, values: (u, ts) => ts.map((t) => clock(t, step === 1)) };
   const series = (label, color, f) => ({
@@ -138,8 +144,9 @@ function chartOptions(kind, width, step, window) {
     width: 2,
     fill: color + '22',
     spanGaps: false,
-    // A single missing point (a busy second) is bridged; longer gaps (a broker restart) show.
-    gaps: (u, sidx, idx0, idx1, gaps) => gaps.filter(([a, b]) => u.posToVal(b, 'x') - u.posToVal(a, 'x') > 2.5 * step),
+    // A hole of a point or two (a busy second, the seam between history and live frames) is
+    // bridged; longer gaps (a broker restart) show.
+    gaps: (u, sidx, idx0, idx1, gaps) => gaps.filter(([a, b]) => u.posToVal(b, 'x') - u.posToVal(a, 'x') > bridge),
     points: { show: false },
     value: (u, v) => (v == null ? '–' : f(v)),
   });
