@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import random
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,20 +177,21 @@ DEMO_LOAD = (
 class Load:
     """Producers (HTTP) and consumers (WebSocket, manual ack) on several queues until :meth:`stop`.
 
-    ``async with Load(url, DEMO_LOAD): ...`` runs it for the block. Consumers register in the
-    worker registry (``POST /w/{queue}``) so the dashboard lists them.
+    ``async with Load(url, DEMO_LOAD): ...`` runs it for the block. Each consumer also registers
+    in the worker registry (``POST /w/{queue}``, refreshed with its figures) so the dashboard
+    lists it. ``consumer_urls`` spreads the consumers over several broker processes.
     """
 
-    def __init__(self, url: str, queues: Sequence[QueueLoad] = DEMO_LOAD, *, seed: int = 7) -> None:
+    def __init__(
+        self, url: str, queues: Sequence[QueueLoad] = DEMO_LOAD, *, consumer_urls: Sequence[str] = (), seed: int = 7
+    ) -> None:
         self.url = url.rstrip("/")
-        self.ws_url = self.url.replace("http://", "ws://", 1) + "/ws"
+        self.consumer_urls = [u.rstrip("/") for u in consumer_urls] or [self.url]
         self.queues = list(queues)
         self.random = random.Random(seed)
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.http = httpx.AsyncClient(base_url=self.url, timeout=10.0)
-        self.acked = 0
-        self.nacked = 0
 
     async def __aenter__(self) -> Load:
         self.start()
@@ -199,10 +201,13 @@ class Load:
         await self.stop()
 
     def start(self) -> None:
+        n = 0
         for spec in self.queues:
             self.tasks.append(asyncio.create_task(self._produce(spec)))
-            for n in range(spec.consumers):
-                self.tasks.append(asyncio.create_task(self._consume(spec, n)))
+            for index in range(spec.consumers):
+                url = self.consumer_urls[n % len(self.consumer_urls)]
+                n += 1
+                self.tasks.append(asyncio.create_task(_Consumer(self, spec, index, url).run()))
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -241,36 +246,75 @@ class Load:
                         )
             await asyncio.sleep(tick)
 
-    async def _consume(self, spec: QueueLoad, index: int) -> None:
+
+class _Consumer:
+    """One WebSocket consumer of :class:`Load`, registered as a worker."""
+
+    HEARTBEAT = 10.0
+
+    def __init__(self, load: Load, spec: QueueLoad, index: int, url: str) -> None:
+        self.load = load
+        self.spec = spec
+        self.url = url
+        self.id = f"{spec.name}-{index + 1}"
+        self.processed = 0
+        self.failed = 0
+        self.current: str | None = None
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._consume()
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "processed": self.processed,
+                "failed": self.failed,
+                "current": self.current,
+                "concurrency": self.spec.prefetch,
+            }
+            with contextlib.suppress(httpx.HTTPError):
+                await self.load.http.post(f"/w/{self.spec.name}", headers={"X-presque-workerid": self.id}, json=info)
+            await asyncio.sleep(self.HEARTBEAT)
+
+    async def _consume(self) -> None:
         from websockets.asyncio.client import connect
 
-        worker = f"{spec.name}-worker-{index + 1}"
-        with contextlib.suppress(httpx.HTTPError):
-            await self.http.post(
-                f"/w/{spec.name}", headers={"X-presque-workerid": worker}, json={"prefetch": spec.prefetch}
-            )
-        while not self.stopping.is_set():
+        ws_url = self.url.replace("http://", "ws://", 1) + "/ws"
+        while not self.load.stopping.is_set():
             try:
-                async with connect(self.ws_url) as ws:
-                    sub = {"op": "subscribe", "queue": spec.name, "prefetch": spec.prefetch}
+                async with connect(ws_url) as ws:
+                    sub = {"op": "subscribe", "queue": self.spec.name, "prefetch": self.spec.prefetch}
                     await ws.send(orjson.dumps(sub).decode())
                     running: set[asyncio.Task[None]] = set()
                     async for raw in ws:
                         frame = orjson.loads(raw)
                         if frame.get("op") == "job":
-                            task = asyncio.create_task(self._work(ws, spec, frame))
+                            task = asyncio.create_task(self._work(ws, frame))
                             running.add(task)
                             task.add_done_callback(running.discard)
             except Exception:  # a broker restart, a refused frame: connect again
                 await asyncio.sleep(0.5)
 
-    async def _work(self, ws: Any, spec: QueueLoad, frame: dict[str, Any]) -> None:
-        await asyncio.sleep(self.random.uniform(*spec.work))
-        if self.random.random() < spec.fail:
-            reply = {"op": "nack", "id": frame["id"], "token": frame["token"], "error": "TimeoutError: upstream"}
-            self.nacked += 1
+    async def _work(self, ws: Any, frame: dict[str, Any]) -> None:
+        self.current = frame["id"]
+        rand = self.load.random
+        await asyncio.sleep(rand.uniform(*self.spec.work))
+        if rand.random() < self.spec.fail:
+            reply = {
+                "op": "nack",
+                "id": frame["id"],
+                "token": frame["token"],
+                "error": "TimeoutError: upstream timed out",
+            }
+            self.failed += 1
         else:
             reply = {"op": "ack", "id": frame["id"], "token": frame["token"]}
-            self.acked += 1
+            self.processed += 1
         with contextlib.suppress(Exception):
             await ws.send(orjson.dumps(reply).decode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -134,11 +133,9 @@ async def test_numbers_follow_http_pushes_without_reload(
     await expect(tid(page, "queues-empty")).to_be_visible()
     await page.evaluate("window.__sameDocument = true")
 
-    started = time.monotonic()
     await http.push_many("numbers", [{"n": n} for n in range(3)])
     await value_is(page, "queue-numbers-ready", 3, timeout=FEED_DEADLINE_MS)
-    await value_is(page, "total-pushed", 3, timeout=FEED_DEADLINE_MS)
-    assert time.monotonic() - started < 5, "the first push took too long to show"
+    await value_is(page, "total-pushed", 3)
     await expect(tid(page, "queue-row-numbers")).to_be_visible()
     await expect(tid(page, "queues-empty")).to_be_hidden()
     await expect(tid(page, "queue-numbers-ready")).to_have_text("3")
