@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -24,11 +23,6 @@ from broker.models import parse_json, validate_queue
 
 DEFAULT_URL = "http://127.0.0.1:5000"
 TIMEOUT = 5.0  # seconds before "broker down" is reported
-# Pushes in flight while pushing from stdin: batches one at a time (the broker may run concurrent
-# batches in any order, and the queue should keep the order of the lines); single pushes with
-# options go through its per-queue coalescer in order, many at once.
-WINDOW = 1
-SINGLE_WINDOW = 1000
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
@@ -123,96 +117,18 @@ async def _push(client: Any, args: argparse.Namespace) -> int:
 
 
 async def _push_stdin(client: Any, args: argparse.Namespace, options: dict[str, Any]) -> int:
-    """Push JSON lines from stdin: batches of up to 1000 (or one by one with options)."""
-    from broker.terminal import Progress
+    from broker.lines import push_lines
 
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
-    room = threading.Semaphore(50_000)  # lines read ahead of the pushes, at most
-    progress = Progress(f"pushing to {args.queue}")
-    pushed = 0
-    read_bytes = [0]
-
-    def reader() -> None:
-        try:
-            for number, line in enumerate(sys.stdin.buffer, 1):
-                read_bytes[0] += len(line)
-                if line.strip():
-                    room.acquire()
-                    loop.call_soon_threadsafe(lines.put_nowait, (number, line))
-        finally:
-            loop.call_soon_threadsafe(lines.put_nowait, None)
-
-    threading.Thread(target=reader, name="presque-stdin", daemon=True).start()
-    window = asyncio.Semaphore(SINGLE_WINDOW if options else WINDOW)
-    tasks: set[asyncio.Task[None]] = set()
-    failures: list[BaseException] = []
-
-    async def send(bodies: list[Any]) -> None:
-        nonlocal pushed
-        try:
-            if options:
-                await client.push(args.queue, bodies[0], **options)
-            else:
-                await client.push_many(args.queue, bodies)
-            pushed += len(bodies)
-            progress.update(pushed, read_bytes[0])
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            window.release()
-
-    started = time.monotonic()
-    done = False
-    while not done and not failures:
-        item = await lines.get()
-        batch: list[tuple[int, bytes]] = []
-        limit = 1 if options else 1000
-        waited = False
-        while item is not None:
-            batch.append(item)
-            room.release()
-            if len(batch) >= limit:
-                break
-            if lines.empty():
-                if waited:
-                    break
-                await asyncio.sleep(0.005)  # a file arrives faster than this: fill the batch
-                waited = True
-                if lines.empty():
-                    break
-            item = lines.get_nowait()
-        done = item is None
-        if not batch:
-            break
-        bodies = []
-        for number, line in batch:
-            try:
-                bodies.append(parse_json(line))
-            except BrokerError as exc:
-                failures.append(CLIError(f"line {number}: {exc.message}"))
-                break
-        if failures:
-            break
-        await window.acquire()
-        task = asyncio.create_task(send(bodies))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    progress.finish()
-    elapsed = time.monotonic() - started
-    summary = {"queue": args.queue, "pushed": pushed, "seconds": round(elapsed, 3)}
+    result = await push_lines(client, args.queue, sys.stdin.buffer, options)
     if args.json:
-        _out(args, summary)
-    elif pushed > 1 or progress.enabled:
+        _out(args, {"queue": args.queue, "pushed": result.pushed, "seconds": round(result.seconds, 3)})
+    elif result.pushed > 1 or result.shown:
+        rate = result.pushed / max(result.seconds, 1e-9)
         print(
-            f"pushed {pushed:,} jobs to {args.queue} in {elapsed:.2f}s ({pushed / max(elapsed, 1e-9):,.0f}/s)",
-            file=sys.stderr,
+            f"pushed {result.pushed:,} jobs to {args.queue} in {result.seconds:.2f}s ({rate:,.0f}/s)", file=sys.stderr
         )
-    if failures:
-        first = failures[0]
-        message = first.message if isinstance(first, BrokerError) else str(first)
-        raise CLIError(f"{message} ({pushed:,} jobs pushed before the error)")
+    if result.error is not None:
+        raise CLIError(f"{result.error} ({result.pushed:,} jobs pushed before the error)")
     return 0
 
 

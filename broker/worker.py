@@ -22,48 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from broker.client import DEFAULT_URL, Client
-from broker.errors import BrokerError, StaleToken, Unavailable, UnknownJob
-from broker.link import Subscription, backoff
-from broker.transport import ConnectionLost
+from broker.errors import BrokerError, Unavailable
+from broker.job import Job, JobChannel
+from broker.link import Subscription
+
+__all__ = ["Job", "Worker"]
 
 log = logging.getLogger("presque.worker")
 
 HEARTBEAT = 10.0  # seconds between registrations (the broker forgets a worker after 60 s)
-
-
-class Job:
-    """A job handed to :meth:`Worker.work`.
-
-    Attributes:
-        id: the job's id.
-        queue: the queue it came from.
-        attempt: deliveries so far, 1 on the first.
-        body: the decoded JSON body.
-        token: its lease token.
-    """
-
-    __slots__ = ("_epoch", "_lost", "_touched", "_worker", "attempt", "body", "id", "queue", "token")
-
-    def __init__(self, worker: Worker, frame: dict[str, Any], epoch: int) -> None:
-        self.id: str = frame["id"]
-        self.queue: str = frame["queue"]
-        self.attempt: int = int(frame.get("attempt", 1))
-        self.body: Any = frame.get("body")
-        self.token: str = frame.get("token", "")
-        self._worker = worker
-        self._epoch = epoch
-        self._touched = time.monotonic()
-        self._lost = False
-
-    def progress(self, data: Any) -> None:
-        """Report progress (any JSON): a ``progress`` event for the queue's watchers.
-
-        Fire and forget; callable from ``async`` and plain ``work`` alike. It also extends the lease.
-        """
-        self._worker._progress(self, data)
-
-    def __repr__(self) -> str:
-        return f"<Job {self.queue}/{self.id} attempt {self.attempt}>"
 
 
 class Worker:
@@ -115,6 +82,7 @@ class Worker:
         self.processed = 0
         self.failed = 0
         self.client: Client | None = None
+        self.channel: JobChannel | None = None
         self._async_work = inspect.iscoroutinefunction(self.work)
         self._buffer: list[deque[Job]] = [deque() for _ in self.queue_names]
         self._held: list[list[Any]] = []  # [queue index, timer] of slots kept for a queue
@@ -167,6 +135,7 @@ class Worker:
             self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"presque-{self.name}")
         await self._call(self.setup)  # if it raises, nothing is connected yet
         self.client = client = Client(self.url, token=self.token, timeout=10.0)
+        self.channel = JobChannel(client, self.lease, self._redis_ok)
         client.link.on_error = self._on_broker_error
         heartbeat = asyncio.create_task(self._heartbeat(), name="presque-heartbeat")
         keeper = asyncio.create_task(self._keep_leases(), name="presque-leases")
@@ -198,7 +167,7 @@ class Worker:
     # -- jobs ---------------------------------------------------------------------------------------
 
     def _on_job(self, frame: dict[str, Any], epoch: int) -> None:
-        job = Job(self, frame, epoch)
+        job = Job(frame, epoch, self._progress)
         try:
             index = self.queue_names.index(job.queue)
         except ValueError:
@@ -243,7 +212,8 @@ class Worker:
 
     def _finish(self, job: Job, op: str, extra: dict[str, Any]) -> None:
         self._running.pop(job.id, None)
-        task = asyncio.create_task(self._settle(job, op, extra))
+        assert self.channel is not None
+        task = asyncio.create_task(self.channel.settle(job, op, extra))
         self._settling.add(task)
         task.add_done_callback(self._settled)
         self._hold_slot(job)
@@ -278,60 +248,6 @@ class Worker:
         if self._changed is not None:
             self._changed.set()
 
-    async def _settle(self, job: Job, op: str, extra: dict[str, Any]) -> None:
-        """Ack or nack: over the socket the job came on; else (reconnected, draining) over HTTP."""
-        assert self.client is not None
-        link = self.client.link
-        if not self._draining and job._epoch == link.epoch:
-            frame = {"op": op, "id": job.id, "token": job.token, **extra}
-            try:
-                try:
-                    await link.request(frame, epoch=job._epoch)
-                except TypeError:  # a result that is not JSON
-                    frame["result"] = repr(extra.get("result"))
-                    await link.request(frame, epoch=job._epoch)
-                self._redis_ok()
-                return
-            except (UnknownJob, StaleToken) as exc:
-                return self._lost(job, exc)
-            except (Unavailable, ConnectionLost):
-                pass  # the broker still has the lease in Redis: settle over HTTP below
-            except BrokerError as exc:
-                log.error("could not %s job %s: %s", op, job.id, exc.message)
-                return
-        await self._settle_http(job, op, extra)
-
-    async def _settle_http(self, job: Job, op: str, extra: dict[str, Any]) -> None:
-        assert self.client is not None
-        deadline = time.monotonic() + max(self.lease, 5.0)
-        attempt = 0
-        while True:
-            try:
-                if op == "ack":
-                    await self.client.ack(job.queue, job.id, job.token)
-                else:
-                    await self.client.nack(job.queue, job.id, job.token, error=extra.get("error"))
-                self._redis_ok()
-                return
-            except (UnknownJob, StaleToken) as exc:
-                return self._lost(job, exc)
-            except (Unavailable, ConnectionLost) as exc:
-                if time.monotonic() > deadline:
-                    log.warning("gave up trying to %s job %s (%s): it will run again", op, job.id, exc.message)
-                    return
-            except BrokerError as exc:
-                log.error("could not %s job %s: %s", op, job.id, exc.message)
-                return
-            await asyncio.sleep(backoff(attempt, 0.2, 2.0))
-            attempt += 1
-
-    def _lost(self, job: Job, exc: BrokerError) -> None:
-        if not job._lost:
-            job._lost = True
-            log.warning(
-                "job %s/%s lost its lease (%s): the broker will deliver it again", job.queue, job.id, exc.message
-            )
-
     def _progress(self, job: Job, data: Any) -> None:
         assert self._loop is not None
         frame = {"op": "progress", "id": job.id, "token": job.token, "data": data}
@@ -339,7 +255,8 @@ class Worker:
         def send() -> None:
             if self.client is not None and job._epoch == self.client.link.epoch:
                 job._touched = time.monotonic()
-                task = asyncio.ensure_future(self._send_progress(job, frame))
+                assert self.channel is not None
+                task = asyncio.ensure_future(self.channel.progress(job, frame, self._is_running))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -352,19 +269,8 @@ class Worker:
         else:
             self._loop.call_soon_threadsafe(send)
 
-    async def _send_progress(self, job: Job, frame: dict[str, Any]) -> None:
-        assert self.client is not None
-        try:
-            await self.client.link.request(frame, epoch=job._epoch)
-        except (UnknownJob, StaleToken) as exc:
-            # The broker runs a connection's frames concurrently: a progress right before the
-            # ack may reach Redis after it. Only a job still running has lost its lease.
-            if job.id in self._running:
-                self._lost(job, exc)
-        except TypeError:
-            log.warning("job %s: progress data is not JSON: %.80r", job.id, frame["data"])
-        except BrokerError as exc:
-            log.debug("progress of %s not sent: %s", job.id, exc.message)
+    def _is_running(self, job: Job) -> bool:
+        return job.id in self._running
 
     async def _keep_leases(self) -> None:
         """Touch every held job (running or waiting) once a third of its lease has passed."""
@@ -375,22 +281,10 @@ class Worker:
             for job in [*self._running.values(), *(j for b in self._buffer for j in b)]:
                 if not job._lost and now - job._touched >= every:
                     job._touched = now
-                    task = asyncio.create_task(self._touch(job))
+                    assert self.channel is not None
+                    task = asyncio.create_task(self.channel.touch(job))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-
-    async def _touch(self, job: Job) -> None:
-        assert self.client is not None
-        link = self.client.link
-        try:
-            try:
-                await link.request({"op": "touch", "id": job.id, "token": job.token}, epoch=job._epoch)
-            except ConnectionLost:
-                await self.client.touch(job.queue, job.id, job.token)
-        except (UnknownJob, StaleToken) as exc:
-            self._lost(job, exc)
-        except BrokerError as exc:
-            log.debug("touch of %s failed: %s", job.id, exc.message)
 
     # -- stopping -----------------------------------------------------------------------------------
 
@@ -402,6 +296,8 @@ class Worker:
         """
         assert self.client is not None and self._changed is not None
         self._draining = True
+        if self.channel is not None:
+            self.channel.draining = True
         log.info("stopping: %d running, waiting up to %gs for them", len(self._running), self.grace)
         deadline = time.monotonic() + self.grace
         subscribed = set(self.queue_names)
