@@ -128,6 +128,7 @@ class WsClient:
         self.connect_args = {"open_timeout": 10, "ping_interval": None, "max_queue": max_queue, **connect_args}
         self.ws: ClientConnection | None = None
         self.errors: list[dict[str, Any]] = []  # unsolicited error frames (no ref)
+        self.messages: list[Any] = []  # the data of broadcast messages received
         self.closed = asyncio.Event()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -168,6 +169,8 @@ class WsClient:
                 future.set_result(frame)
         elif frame.get("op") == "error":
             self.errors.append(frame)
+        elif frame.get("op") == "message":
+            self.messages.append(frame["data"])
 
     async def send(self, frame: dict[str, Any]) -> None:
         assert self.ws is not None

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.ledger import Consumer, Harness, Ledger, WsProducer, http_produce, memory_kib
+from tests.ledger import Consumer, Harness, Ledger, WsClient, WsProducer, http_produce, memory_kib
 from tests.servers import REPO, BrokerServer, RedisServer, free_port, wait_for
 
 # Small leases and a fast reaper so that expiry-driven redelivery happens within seconds;
@@ -284,6 +284,8 @@ async def test_redis_unreachable_answers_503_then_recovers(
 
             reply = await producer.request({"op": "push", "queue": "jobs", "body": {"during": fault}})
             assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+            reply = await producer.request({"op": "publish", "channel": "news", "data": fault})
+            assert reply["op"] == "error" and reply["code"] == "unavailable", reply
             # The subscriber is told too (its queue feed failed to fetch), and stays connected.
             await wait_for(lambda: any(e["code"] == "unavailable" for e in consumer.errors), timeout=10)
         finally:
@@ -298,6 +300,35 @@ async def test_redis_unreachable_answers_503_then_recovers(
         await wait_for(ledger.all_acked, timeout=10, message=ledger.summary())
     assert not consumer.closed.is_set() and not producer.closed.is_set()
     ledger.check()
+
+
+async def test_a_503_is_not_a_no(
+    make_redis_server: Callable[..., RedisServer], make_broker: Callable[..., BrokerServer]
+) -> None:
+    """A frozen Redis answers nothing and the broker gives up after socket_timeout (503), but the
+    command it had sent still runs when Redis thaws: a push answered 503 may be stored, and a
+    destructive fetch answered 503 may take a job that nobody receives."""
+    redis = make_redis_server()
+    broker = make_broker(redis.url, config=FAST)
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as http:
+        first = (await http.post(f"{broker.url}/q/jobs", content=b'{"n":1}')).json()["id"]
+        # Load the fetch script into Redis and open a few pooled connections, so that the calls
+        # below go out at once, whole.
+        assert (await http.get(f"{broker.url}/q/other")).status_code == 404
+        await asyncio.gather(*(http.get(f"{broker.url}/j/jobs") for _ in range(4)))
+        redis.pause()
+        try:
+            # At once, so that each goes out on a live connection (a timed-out one is closed).
+            pushed, taken = await asyncio.gather(
+                http.post(f"{broker.url}/q/jobs", content=b'{"n":2}'), http.get(f"{broker.url}/q/jobs")
+            )
+            assert (pushed.status_code, taken.status_code) == (503, 503)
+        finally:
+            redis.resume()
+        await wait_for(lambda: healthy(http, broker.url), timeout=15)
+        info = await queue_info(broker.url, "jobs")
+        assert (info["pushed"], info["job_processed"], info["ready"]) == (2, 1, 1)
+        assert (await http.get(f"{broker.url}/j/jobs/{first}")).status_code == 404  # gone, received by no one
 
 
 # -- consumers that misbehave -----------------------------------------------------------------------
@@ -433,7 +464,53 @@ async def test_slow_reader_does_not_stall_others_and_memory_stays_bounded(
     assert growth < 48, f"broker peak RSS grew by {growth} MiB"
 
 
+async def test_broadcast_is_at_most_once(
+    redis_url: str, make_broker: Callable[..., BrokerServer], harness: Harness
+) -> None:
+    """Pub/sub messages reach the listeners connected when they are published, once each; a
+    listener that was away misses them for good: nothing is stored."""
+    broker = make_broker(redis_url)
+    present, away, publisher = [await harness.client(WsClient(broker.ws_url)) for _ in range(3)]
+    for listener in (present, away):
+        assert (await listener.request({"op": "listen", "channel": "news"}))["op"] == "listening"
+    await away.close()
+    for n in range(5):
+        assert (await publisher.request({"op": "publish", "channel": "news", "data": n}))["op"] == "ok"
+    await wait_for(lambda: len(present.messages) == 5)
+    back = await harness.client(WsClient(broker.ws_url))
+    assert (await back.request({"op": "listen", "channel": "news"}))["op"] == "listening"
+    assert (await publisher.request({"op": "publish", "channel": "news", "data": "later"}))["op"] == "ok"
+    await wait_for(lambda: back.messages and len(present.messages) == 6)
+    assert present.messages == [0, 1, 2, 3, 4, "later"]
+    assert back.messages == ["later"] and not away.messages
+
+
 # -- Redis that would lose jobs ---------------------------------------------------------------------
+
+
+async def test_full_redis_refuses_pushes_and_keeps_draining(
+    make_redis_server: Callable[..., RedisServer], make_broker: Callable[..., BrokerServer], harness: Harness
+) -> None:
+    """Redis at maxmemory (noeviction): pushes are refused with 503, none half-stored, nothing
+    stored is evicted, and consumers go on taking and acking jobs, which makes room again."""
+    redis = make_redis_server(args=["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+    broker = make_broker(redis.url, config=FAST)
+    ledger = Ledger()
+    body = b'{"pad":"' + b"x" * 10_000 + b'"}'
+    failures: list[str] = []
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT) as http:
+        await http_produce(http, broker.url, "jobs", ledger, count=2000, body=body, failures=failures)
+        assert failures and failures[0].startswith("503 "), failures
+        assert "maxmemory" in failures[0]
+        assert 50 < len(ledger.pushed) < 2000
+        info = await queue_info(broker.url, "jobs")
+        assert info["pushed"] == info["ready"] == len(ledger.pushed)  # the refused push left nothing behind
+
+        await harness.client(Consumer(broker.ws_url, "jobs", ledger, prefetch=20))
+        await wait_for(ledger.all_acked, timeout=20, message=ledger.summary())
+        assert await http_produce(http, broker.url, "jobs", ledger, count=10, body=body) == 10
+        await wait_for(ledger.all_acked, timeout=10, message=ledger.summary())
+    ledger.check()
 
 
 def serve(redis_url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
