@@ -18,27 +18,43 @@ Result = TypeVar("Result")
 # The flush function gets a key and the batch, and returns one result per item: a value, or an
 # exception that is raised to that item's caller only.
 Flush = Callable[[str, Sequence[Item]], Awaitable[Sequence[Result | BaseException]]]
+# A caller's items and the future that receives their results.
+_Entry = tuple[list[Item], "asyncio.Future[list[Result | BaseException]]"]
 
 
 class Coalescer(Generic[Item, Result]):
-    """Batch ``submit(key, item)`` calls per key into calls of ``flush(key, items)``.
+    """Batch ``submit(key, item)`` and ``submit_group(key, items)`` calls per key into calls of
+    ``flush(key, items)``.
+
+    Items reach ``flush`` in the order they were submitted, and a group is never split across two
+    calls, so a batch pushed by one client stays atomic and in order even when it shares a call.
 
     Args:
         flush: does the batched work; one result (or exception) per item, in order.
-        max_batch: the most items one flush call gets.
+        max_batch: the most items one flush call gets (a larger group gets a call of its own).
     """
 
     def __init__(self, flush: Flush[Item, Result], max_batch: int = 500) -> None:
         self._flush = flush
         self._max_batch = max_batch
-        self._pending: dict[str, list[tuple[Item, asyncio.Future[Result]]]] = {}
+        self._pending: dict[str, list[_Entry[Item, Result]]] = {}
         self._busy: set[str] = set()
         self._drains: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, key: str, item: Item) -> Result:
         """Queue ``item`` for the next call of ``flush`` for ``key`` and wait for its result."""
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(key, []).append((item, future))
+        (result,) = await self._enqueue(key, [item])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def submit_group(self, key: str, items: Sequence[Item]) -> list[Result | BaseException]:
+        """Queue ``items`` to be flushed together, in one call; returns one result per item."""
+        return await self._enqueue(key, list(items))
+
+    async def _enqueue(self, key: str, items: list[Item]) -> list[Result | BaseException]:
+        future: asyncio.Future[list[Result | BaseException]] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(key, []).append((items, future))
         if key not in self._busy:
             self._start_drain(key)
         return await future
@@ -60,21 +76,27 @@ class Coalescer(Generic[Item, Result]):
             if self._pending.get(key):  # submitted after the last take, before the discard
                 self._start_drain(key)
 
-    def _take(self, key: str) -> list[tuple[Item, asyncio.Future[Result]]]:
+    def _take(self, key: str) -> list[_Entry[Item, Result]]:
         pending = self._pending.get(key)
         if not pending:
             self._pending.pop(key, None)
             return []
-        batch, rest = pending[: self._max_batch], pending[self._max_batch :]
+        taken, size = 0, 0
+        for items, _ in pending:
+            if taken and size + len(items) > self._max_batch:
+                break
+            taken += 1
+            size += len(items)
+        batch, rest = pending[:taken], pending[taken:]
         if rest:
             self._pending[key] = rest
         else:
             del self._pending[key]
         return batch
 
-    async def _run(self, key: str, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run(self, key: str, batch: list[_Entry[Item, Result]]) -> None:
         try:
-            results = await self._flush(key, [item for item, _ in batch])
+            results = list(await self._flush(key, [item for items, _ in batch for item in items]))
         except BaseException as exc:  # the whole call failed: every caller hears why
             for _, future in batch:
                 if not future.done():
@@ -82,10 +104,9 @@ class Coalescer(Generic[Item, Result]):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        offset = 0
+        for items, future in batch:
+            part = results[offset : offset + len(items)]
+            offset += len(items)
+            if not future.done():
+                future.set_result(part)

@@ -285,10 +285,8 @@ class Connection:
                     priority=self.runtime.settings.queues.default_priority,
                     max_attempts=self.runtime.settings.queues.max_attempts,
                 )
-                results = await self.runtime.queues.push_many(cmd.queue, [(body, defaults) for body in cmd.bodies])
-                ids = [r for r in results if isinstance(r, str)]
+                ids = await self.runtime.push_batch(cmd.queue, cmd.bodies, defaults)
                 self.session.command_done(cmd, ids)
-                self.hub.emit_events(cmd.queue, [(i, "pushed", None) for i in ids])
             case Touch():
                 await self.runtime.queues.touch(cmd.queue, cmd.id, cmd.token, cmd.lease or 0.0)
                 self.session.command_done(cmd)

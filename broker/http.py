@@ -113,7 +113,7 @@ async def push_batch(request: Request) -> Response:
         raise BadRequest("a batch needs at least one job")
     if len(data) > rt.settings.limits.max_batch:
         raise TooLarge(f"batch of {len(data)} jobs is over the limit of {rt.settings.limits.max_batch}")
-    ids = await rt.queues.push_many(queue, [(encode_json(body, "a job"), opts) for body in data])
+    ids = await rt.push_batch(queue, [encode_json(body, "a job") for body in data], opts)
     return json_response({"ids": ids, "queue": queue}, 201)
 
 

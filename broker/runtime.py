@@ -91,6 +91,17 @@ class Runtime:
         self.delivery.emit_events(queue, [(job_id, "pushed", None)])
         return job_id
 
+    async def push_batch(self, queue: str, bodies: Sequence[bytes], opts: PushOptions) -> list[str]:
+        """Push a batch atomically and in order with the queue's other pushes; returns the ids."""
+        results = await self.pusher.submit_group(f"0{queue}", [(body, opts, False) for body in bodies])
+        ids: list[str] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            ids.append(result)
+        self.delivery.emit_events(queue, [(job_id, "pushed", None) for job_id in ids])
+        return ids
+
     async def _flush_pushes(self, key: str, items: Sequence[PushItem]) -> list[str | BaseException]:
         queue, count_failure = key[1:], key[0] == "1"
         results = await self.queues.push_many(

@@ -120,3 +120,25 @@ async def test_coalescer_failure_reaches_every_caller_of_the_batch() -> None:
     coalescer: Coalescer[int, int] = Coalescer(flush)
     results = await asyncio.gather(*(coalescer.submit("k", i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, ConnectionError) for r in results)
+
+
+async def test_coalescer_keeps_groups_whole_and_in_order_among_single_items() -> None:
+    calls: list[list[int]] = []
+
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        return [-i if i == 7 else i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_batch=5)
+    single = asyncio.create_task(coalescer.submit("q", 1))
+    group = asyncio.create_task(coalescer.submit_group("q", [2, 3, 4]))
+    big = asyncio.create_task(coalescer.submit_group("q", [5, 6, 7, 8, 9, 10]))
+    last = asyncio.create_task(coalescer.submit("q", 11))
+    assert await single == 10
+    assert await group == [20, 30, 40]
+    assert await big == [50, 60, -7, 80, 90, 100]
+    assert await last == 110
+    # Order kept across calls; no group split; a group larger than max_batch gets a call alone.
+    assert [i for call in calls for i in call] == list(range(1, 12))
+    assert calls == [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11]]
