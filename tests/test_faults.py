@@ -455,6 +455,7 @@ async def test_slow_reader_does_not_stall_others_and_memory_stays_bounded(
         slow_auto.resume_reading()
         await wait_for(ledger.all_acked, timeout=20, message=ledger.summary())
     ledger.check()
+    assert not ledger.duplicates  # what sat in the stalled sockets went to no one else
     growth = (peak - rss_before) // 1024
     print(
         f"slow readers: {ledger.summary()}; held in the slow socket: {buffered} jobs; "
