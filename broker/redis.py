@@ -349,6 +349,7 @@ def _create_cluster(settings: RedisSettings, url_override: str | None, options: 
     # The cluster client retries by itself (connection errors, MOVED, CLUSTERDOWN) and refreshes
     # its slot map in between: its own retry policy suits it better than a single server's.
     options = {k: v for k, v in options.items() if k != "retry"}
+    options["max_connections"] = POOL_SIZE  # per node; beyond it the cluster client fails a call
     if settings.cluster_nodes:
         nodes = [ClusterNode(*_host_port(node)) for node in settings.cluster_nodes]
         return RedisCluster(startup_nodes=nodes, **options)
