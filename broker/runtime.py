@@ -82,6 +82,9 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.notifier.stop()
+        # Leave the process registry at once (a killed process drops out when its heartbeat is stale).
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.hdel(keys.PROCESSES, self.process_id)
 
     # -- pushing (coalesced) ----------------------------------------------------------------------
 

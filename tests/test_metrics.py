@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker import keys
 from broker.metrics import BUCKETS, LatencyExporter
 from broker.stats import LatencyHistogram
 from tests.servers import make_settings, run_broker, wait_for
@@ -84,7 +86,7 @@ async def test_queue_figures_counters_and_latency(redis_url: str) -> None:
     assert value(samples, "presque_redis_used_memory_bytes")
 
 
-async def test_two_processes_answer_the_same_aggregate(redis_url: str) -> None:
+async def test_two_processes_answer_the_same_aggregate(redis_url: str, redis: aioredis.Redis) -> None:
     settings = make_settings(redis_url, CONFIG)
     async with (
         run_broker(settings) as a,
@@ -115,6 +117,7 @@ async def test_two_processes_answer_the_same_aggregate(redis_url: str) -> None:
         assert value(samples, "presque_delivery_latency_seconds_count", queue="shared") == 12
     per_process = [v for (name, _), v in from_b.items() if name == "presque_process_connections"]
     assert sorted(per_process) == [1.0, 1.0]
+    assert await redis.hlen(keys.PROCESSES) == 0  # a process that stops leaves the registry at once
 
 
 def latency_exporter(feeds: dict[str, Any]) -> LatencyExporter:
