@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from broker import keys
-from tests.servers import RedisServer, _log_tail, _terminate, free_port, redis_binary, wait_for_sync
+from tests.servers import RedisServer, _log_tail, _terminate, free_port, on_cluster, redis_binary, wait_for_sync
 
 SLOTS = 16384
 BUS_PORT_OFFSET = 10000
@@ -80,6 +80,15 @@ class ClusterTestClient(redis.asyncio.RedisCluster):
     async def pubsub_numsub(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("target_nodes", self.ALL_NODES)
         return await super().pubsub_numsub(*args, **kwargs)
+
+
+def async_client_for(redis_url: str) -> redis.asyncio.Redis | ClusterTestClient:
+    """An asyncio client of the suite's Redis at ``redis_url``: a cluster client under
+    ``PRESQUE_TEST_TOPOLOGY=cluster`` (a plain one would get MOVED for most keys). Close it after use.
+    """
+    if on_cluster():
+        return ClusterTestClient.from_url(redis_url)
+    return redis.asyncio.Redis.from_url(redis_url)
 
 
 class ClusterServers:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.cluster import ClusterServers, ClusterTestClient
+from tests.cluster import ClusterServers, ClusterTestClient, async_client_for
 from tests.servers import BrokerServer, RedisServer, on_cluster
 
 NOT_ON_CLUSTER = "needs a single redis-server of its own: not run with PRESQUE_TEST_TOPOLOGY=cluster"
@@ -73,13 +73,10 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client: aioredis.Redis | ClusterTestClient
-    if on_cluster():
-        client = request.getfixturevalue("redis_cluster").async_client()
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = async_client_for(redis_url)
+    if isinstance(client, ClusterTestClient):
         await client.initialize()
-    else:
-        client = aioredis.Redis.from_url(redis_url)
     yield client  # type: ignore[misc]  # the cluster client speaks the same commands
     await client.aclose()
 
