@@ -40,6 +40,7 @@ from broker import keys
 from broker.errors import JobExists, StaleToken, UnknownJob
 from broker.models import COUNTERS, PushOptions
 from broker.queue import QueuePolicy, QueueService
+from tests.cluster import async_client_for
 from tests.invariants import check_queue
 from tests.servers import BrokerServer
 
@@ -396,7 +397,7 @@ class QueueMachine(RuleBasedStateMachine):
 def machine_env(redis_url: str, make_broker: Any) -> Iterator[None]:
     broker: BrokerServer = make_broker(redis_url, config={"queues": {"reap_interval": 3600.0, "backoff_base": 0}})
     loop = asyncio.new_event_loop()
-    client = aioredis.Redis.from_url(redis_url)
+    client = async_client_for(redis_url)  # a cluster client under PRESQUE_TEST_TOPOLOGY=cluster
     QueueMachine.loop = loop
     QueueMachine.redis = client
     QueueMachine.service = QueueService(client, QueuePolicy(backoff_base=0.0, backoff_max=0.0))
