@@ -87,9 +87,8 @@ def idle_connections(b: Bench, n: int) -> Row:
         f"6. {n:,} idle subscribed WebSockets, 1 process",
         figures,
         baseline="latency",
-        targets=[
-            Target("connections", ">=", 10_000, "10,000 held"),
-            Target("kb_per_connection", "<=", 30, "≤ 30 KB each"),
-        ],
+        # The connection target only means something at its own scale (not with --quick's 2,000).
+        targets=([Target("connections", ">=", 10_000, "10,000 held")] if n >= 10_000 else [])
+        + [Target("kb_per_connection", "<=", 30, "≤ 30 KB each")],
         note=(f"{kb:.1f} KB/connection; " if kb is not None else "") + f"latency at {IDLE_RATE}/s",
     )
