@@ -26,11 +26,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/presque serve $(ARGS)
 
+# The main run (with coverage) comes last so that its summary closes the output.
 test: $(STAMP) lint
-	$(PYTEST) --cov --cov-report=term $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-web
 	$(MAKE) --no-print-directory test-core
 	$(MAKE) --no-print-directory test-cluster
-	$(MAKE) --no-print-directory test-web
+	$(PYTEST) --cov --cov-report=term $(PYTEST_ARGS)
 
 # The browser client's unit tests (web/test/, Node 20+); skipped with a note when node is missing.
 test-web:
