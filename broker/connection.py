@@ -352,3 +352,6 @@ class Connection:
             if self.session.close_code is not None and not self.session.send_backlog:
                 await self._close_socket()
                 return
+            # Drop the last batch before waiting: an idle connection would otherwise keep its last
+            # frame alive, and orjson's output holds a 4 KB block whatever its length.
+            frames, frame = [], b""

@@ -168,16 +168,19 @@ class QueueFeed:
         for group, count in wanted.items():
             result = await self.hub.runtime.queues.fetch(self.queue, count=min(count, MAX_FETCH), lease=group[1])
             if result.jobs:
-                delivered = True
                 self._deal(result.jobs, group)
-                continue
-            if result.paused or result.empty:
+                if result.more:
+                    delivered = True
+                    continue
+                # No ready job left: wait for a wake-up rather than fetch again only to hear it.
+                self._drained = not self._wake.is_set()
+            elif result.paused or result.empty:
                 self._drained = not self._wake.is_set()  # a wake-up during the fetch: look again
             if result.paused:
                 continue  # resume publishes a wake-up
             if result.limited:
                 wait = min(wait, result.retry_in if result.retry_in is not None else LIMIT_WAIT)
-            elif not result.empty:
+            elif not result.empty and not result.jobs:
                 delivered = True  # every job popped had expired: look again at once
             if result.next_run_at is not None:
                 self._next_run_at = min(self._next_run_at or result.next_run_at, result.next_run_at)

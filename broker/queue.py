@@ -58,7 +58,8 @@ class FetchResult:
     limited: bool = False  # rate limit or max_inflight reached
     retry_in: float | None = None  # rate limited: seconds until a token is available
     empty: bool = False  # no ready job (as opposed to: the ones popped had expired)
-    next_run_at: float | None = None  # empty: when the next delayed job becomes ready
+    next_run_at: float | None = None  # no ready job left: when the next delayed job becomes ready
+    more: bool = False  # jobs taken, and ready jobs are left: fetching again finds some
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +201,9 @@ class QueueService:
                     latency=_f(raw[i + 4]),
                 )
             )
-        return FetchResult(jobs)
+        if hint == "+":
+            return FetchResult(jobs, more=True)
+        return FetchResult(jobs, next_run_at=float(hint) if hint else None)
 
     async def fetch_one(self, queue: str, *, lease: float = 0.0) -> Delivery:
         """Take one job (HTTP ``GET /q/``); raises NoJob or QueueClosed."""

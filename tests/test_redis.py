@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.sentinel import SentinelManagedConnection
 
 from broker.config import RedisSettings, parse_settings
 from broker.errors import ConfigError, RedisSetupError
@@ -22,6 +24,7 @@ from broker.redis import (
     check_redis,
     create_redis,
     find_redis_server,
+    hiredis_packing,
 )
 from tests.servers import RedisServer, redis_binary, wait_for_sync
 
@@ -167,6 +170,59 @@ async def test_create_redis_builds_cluster_and_sentinel_clients_lazily() -> None
     assert isinstance(sentinel, SentinelRedis)
     assert sentinel.sentinel_manager is not None
     assert [c.connection_pool.connection_kwargs["port"] for c in sentinel.sentinel_manager.sentinels] == [4]
+    await sentinel.aclose()
+
+
+PACKED_COMMANDS: list[tuple[Any, ...]] = [
+    ("PING",),
+    ("SET", "k", "v"),
+    (b"SET", b"k\x00\xff", b""),
+    ("EVALSHA", "a" * 40, 11, *[f"q:{{é}}:{i}" for i in range(11)], 1, 0.1, 1.5e20, -3, 2**70, b"\r\n" * 600),
+    ("CONFIG GET", "maxmemory"),  # a command name of two words is split
+    (b"CLIENT SETNAME", "presque"),
+    ("HSET", "h", "f", "x" * 100_000),  # past redis-py's buffer cut-off: it sends chunks
+    ("SET", "k", bytearray(b"ba")),  # not a plain type: redis-py's packer
+    ("SET", "k", memoryview(b"mv")),
+]
+
+
+@pytest.mark.parametrize("base", [Connection, UnixDomainSocketConnection, SentinelManagedConnection])
+def test_hiredis_packing_sends_the_same_bytes_as_redis_py(base: type[Connection]) -> None:
+    packing = hiredis_packing(base)
+    assert issubclass(packing, base) and hiredis_packing(packing) is packing and hiredis_packing(base) is packing
+    kwargs: dict[str, Any] = {"connection_pool": None} if base is SentinelManagedConnection else {}
+    ours, theirs = packing(**kwargs), base(**kwargs)
+    for command in PACKED_COMMANDS:
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command)), command
+    assert b"".join(ours.pack_commands(PACKED_COMMANDS)) == b"".join(theirs.pack_commands(PACKED_COMMANDS))
+    for bad in (True, None, 1j):
+        with pytest.raises(redis.DataError):
+            ours.pack_command("SET", "k", bad)
+
+
+def test_hiredis_packing_leaves_other_encodings_to_redis_py() -> None:
+    packing = hiredis_packing(Connection)
+    ours, theirs = packing(encoding="latin-1"), Connection(encoding="latin-1")
+    assert (
+        b"".join(ours.pack_command("SET", "k", "é"))
+        == b"".join(theirs.pack_command("SET", "k", "é"))
+        != (b"".join(packing().pack_command("SET", "k", "é")))
+    )
+
+
+async def test_create_redis_packs_with_hiredis(redis_url: str) -> None:
+    client = create_redis(RedisSettings(url=redis_url))
+    try:
+        assert client.connection_pool.connection_class is hiredis_packing(Connection)
+        await client.set("k", "é" * 3)
+        assert await client.eval("return {ARGV[1], ARGV[2], ARGV[3]}", 0, 1.5, -2, b"\x00") == [b"1.5", b"-2", b"\x00"]
+        pipe = client.pipeline(transaction=True)
+        pipe.get("k").incrbyfloat("f", 0.25)
+        assert await pipe.execute() == ["é".encode() * 3, 0.25]
+    finally:
+        await client.aclose()
+    sentinel = create_redis(RedisSettings(sentinel_master="m", sentinels=("127.0.0.1:4",)))
+    assert sentinel.connection_pool.connection_class is hiredis_packing(SentinelManagedConnection)
     await sentinel.aclose()
 
 

@@ -249,6 +249,19 @@ async def test_leased_fetch_reserves_the_job(service: QueueService, redis: aiore
     assert len({j.token for j in both.jobs} | {token}) == 3
 
 
+async def test_fetch_says_whether_ready_jobs_are_left(service: QueueService, redis: aioredis.Redis) -> None:
+    for _ in range(3):
+        await push(service)
+    partial = await service.fetch(Q, count=2, lease=5)
+    assert len(partial.jobs) == 2 and partial.more and partial.next_run_at is None and not partial.empty
+    last = await service.fetch(Q, count=2, lease=5)
+    assert len(last.jobs) == 1 and not last.more and last.next_run_at is None and not last.empty
+    await push(service)
+    exact = await service.fetch(Q, count=1)  # destructive: same answer
+    assert len(exact.jobs) == 1 and not exact.more
+    assert (await service.fetch(Q)).empty
+
+
 async def test_fetch_drops_and_counts_ttl_expired_jobs(service: QueueService, redis: aioredis.Redis) -> None:
     stale = await push(service, b'"stale"', ttl=0.05, uniq="s")
     fresh = await push(service, b'"fresh"', ttl=60)
@@ -329,6 +342,8 @@ async def test_fetch_promotes_due_delayed_jobs_with_their_priority(
     run_at = (await service.job(Q, delayed)).run_at
     first = await service.fetch(Q, lease=5)
     assert [j.id for j in first.jobs] == [low]  # not before its time
+    # No ready job left: the fetch says so, and when the delayed one is due (no second fetch needed).
+    assert not first.more and first.next_run_at == pytest.approx(run_at, abs=0.002)
     await until_redis_time(redis, run_at)
     await push(service, b'"later"', priority=1)
     second = await service.fetch(Q, count=2, lease=5)

@@ -6,7 +6,9 @@
 -- ARGV[4] max_inflight, 0 = unlimited (counts leased jobs across all processes)
 -- ARGV[5] rate in jobs/second, 0 = unlimited (token bucket in the state hash, burst = max(rate, 1))
 -- Returns {status, hint, id1, token1, attempt1, body1, latency1, id2, ...}
---   status 1: jobs follow (maybe none when all popped ones had expired: fetch again)
+--   status 1: jobs follow (maybe none when all popped ones had expired: fetch again); hint = '+'
+--     when ready jobs are left, else as for status 0 (so that the caller need not fetch again
+--     only to hear that the queue is empty)
 --   status 0: empty; hint = run_at of the next delayed job, or '' when none
 --   status -1: paused; -2: rate limited, hint = seconds until a token; -3: max_inflight reached
 local count = tonumber(ARGV[1])
@@ -100,5 +102,11 @@ if #unexpire > 0 then redis.call('ZREM', K_EXPIRY, unpack(unexpire)) end
 if rate > 0 then
   local delivered = (#out - 2) / 5
   redis.call('HSET', K_STATE, 'rate_tokens', num(tokens - delivered), 'rate_at', num(now))
+end
+if redis.call('EXISTS', K_READY) == 1 then
+  out[2] = '+'
+else
+  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if #head > 0 then out[2] = head[2] end
 end
 return out
