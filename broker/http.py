@@ -82,6 +82,7 @@ async def fetch_job(request: Request) -> Response:
     wait = params.number("wait", query["wait"], maximum=rt.settings.limits.max_wait) if "wait" in query else 0.0
     lease = params.lease_seconds(query["lease"], rt.settings.queues) if "lease" in query else 0.0
     job = await rt.take(queue, lease=lease, wait=wait)
+    rt.delivery.emit_events(queue, [(job.id, "delivered", dumps({"attempt": job.attempt}))])
     headers = {"X-Presque-Job-Id": job.id, "X-Presque-Attempt": str(job.attempt)}
     if job.token:
         headers["X-Presque-Lease-Token"] = job.token
@@ -161,6 +162,7 @@ async def settle_job(request: Request) -> Response:
     token = params.token(body)
     if action == "ack":
         await rt.queues.ack(queue, job_id, token)
+        rt.delivery.emit_events(queue, [(job_id, "acked", None)])
         return json_response({"id": job_id, "status": "acked"})
     if action == "nack":
         delay = (
@@ -170,6 +172,8 @@ async def settle_job(request: Request) -> Response:
         if not isinstance(error, str):
             raise BadRequest("error must be a string")
         outcome = await rt.queues.nack(queue, job_id, token, delay=delay, error=error[:4096])
+        event = "dead" if outcome.outcome == "dead" else "nacked"
+        rt.delivery.emit_events(queue, [(job_id, event, dumps({"error": error[:4096], "outcome": outcome.outcome}))])
         return json_response({"id": job_id, "status": outcome.outcome, "run_at": outcome.run_at})
     lease = params.lease_seconds(body["lease"], rt.settings.queues) if body.get("lease") is not None else 0.0
     deadline = await rt.queues.touch(queue, job_id, token, lease)

@@ -357,3 +357,29 @@ async def test_pause_stops_delivery_and_start_resumes(broker: RunningBroker, htt
         assert await ws.silent("job", 1.0)
         assert (await http.post("/control/q", json={"status": "start"})).status_code == 200
         assert len(await ws.jobs(3, timeout=2)) == 3
+
+
+async def test_job_events_of_the_http_path(broker: RunningBroker, http: httpx.AsyncClient) -> None:
+    async with ws_connect(broker.ws_url) as watcher:
+        await watcher.call("watch", topic="events", queue="h")
+        ids = await push_many(http, "h", [{"n": 1}, {"n": 2}])
+        taken = []
+        for _ in ids:
+            reply = await http.get(f"{broker.url}/q/h", params={"lease": 30})
+            taken.append((reply.headers["x-presque-job-id"], reply.headers["x-presque-lease-token"]))
+        (first, first_token), (second, second_token) = taken
+        assert (await http.post(f"{broker.url}/j/h/{first}/ack", json={"token": first_token})).status_code == 200
+        nack = await http.post(
+            f"{broker.url}/j/h/{second}/nack", json={"token": second_token, "error": "no", "delay": 60}
+        )
+        assert nack.status_code == 200
+        expected = [
+            (ids[0], "pushed", None),
+            (ids[1], "pushed", None),
+            (first, "delivered", {"attempt": 1}),
+            (second, "delivered", {"attempt": 1}),
+            (first, "acked", None),
+            (second, "nacked", {"error": "no", "outcome": "delayed"}),
+        ]
+        events = [await watcher.expect("event") for _ in expected]
+        assert sorted(((e["id"], e["event"], e["data"]) for e in events), key=str) == sorted(expected, key=str)
