@@ -44,6 +44,7 @@ from broker.frames import (
 )
 from broker.models import Delivery, PushOptions, dumps
 from broker.protocol import Authorize, Session
+from broker.wsproto import EXTENSION, SEND_FRAMES
 
 if TYPE_CHECKING:
     from broker.delivery import DeliveryHub
@@ -335,17 +336,27 @@ class Connection:
         # no credit then, and must hear when it comes back. The backlog only grows between two
         # writes, so its peak is what it is just before a write is subtracted.
         throttled = False
+        # Under presque's own protocol (broker/wsproto.py) a batch of frames is one ASGI message
+        # and one socket write; under any other, one ``websocket.send`` per frame.
+        batched = EXTENSION in self.ws.scope.get("extensions", {})
         while True:
             await self._output.wait()
             self._output.clear()
             frames = self.session.data_to_send()
             backlog = sum(len(f) for f in frames)
             self.session.set_send_backlog(backlog)
-            for frame in frames:
-                await self.ws.send({"type": "websocket.send", "text": frame.decode()})
-                throttled = throttled or self.session.send_backlog >= limit
-                backlog -= len(frame)
-                self.session.set_send_backlog(backlog)
+            if batched:
+                if frames:
+                    # The raw ASGI send: Starlette's WebSocket.send refuses message types it does not know.
+                    await self.ws._send({"type": SEND_FRAMES, "frames": frames})
+                    throttled = throttled or self.session.send_backlog >= limit
+                    self.session.set_send_backlog(0)
+            else:
+                for frame in frames:
+                    await self.ws.send({"type": "websocket.send", "text": frame.decode()})
+                    throttled = throttled or self.session.send_backlog >= limit
+                    backlog -= len(frame)
+                    self.session.set_send_backlog(backlog)
             if throttled and self.session.send_backlog < limit:
                 throttled = False
                 self.hub.all_credit_returned(self)

@@ -303,9 +303,11 @@ async def unread_subscriber(ws_url: str, frame: dict[str, Any]) -> AsyncIterator
             await writer.wait_closed()
 
 
-async def test_a_slow_reader_stops_receiving_and_others_go_on(redis_url: str) -> None:
+# The broker's own protocol writes a batch of frames at once; under another, frame by frame.
+@pytest.mark.parametrize("ws", [None, "websockets-sansio"], ids=["batched", "frame-by-frame"])
+async def test_a_slow_reader_stops_receiving_and_others_go_on(redis_url: str, ws: str | None) -> None:
     send_buffer = 65536
-    async with run_broker(settings_for(redis_url, websocket={"send_buffer": send_buffer})) as broker:
+    async with run_broker(settings_for(redis_url, websocket={"send_buffer": send_buffer}), ws=ws) as broker:
         runtime = broker.app.state.runtime  # type: ignore[attr-defined]
         body = b'"' + b"x" * 20_000 + b'"'
         total = 600  # 12 MB: more than the kernel buffers between broker and client hold

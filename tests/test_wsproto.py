@@ -1,0 +1,101 @@
+"""broker/wsproto.py: many text frames in one ASGI message and one write, under real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from websockets.asyncio.client import connect
+
+from broker.wsproto import EXTENSION, SEND_FRAMES, BatchingWebSocketProtocol
+from tests.servers import free_port, wait_for
+
+Scope = dict[str, Any]
+
+
+async def serve(app: Any, ws: Any, **options: Any) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws=ws, **options))
+    task = asyncio.create_task(server.serve())
+    try:
+        await wait_for(lambda: server.started, 10)
+        yield f"ws://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def frames_app(batches: list[list[bytes]], seen: list[Scope], errors: list[BaseException]) -> Any:
+    """An app that sends each batch as one message, then closes, then tries one batch more."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        seen.append(scope)
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        for frames in batches:
+            await send({"type": SEND_FRAMES, "frames": frames})
+        await send({"type": "websocket.close", "code": 1000})
+        try:
+            await send({"type": SEND_FRAMES, "frames": [b"late"]})
+        except Exception as exc:
+            errors.append(exc)
+
+    return app
+
+
+async def test_a_batch_arrives_as_its_frames_in_order() -> None:
+    batches = [[b'{"n":1}', b'{"n":2}', "\u00e9t\u00e9".encode()], [b'{"n":3}'], []]
+    seen: list[Scope] = []
+    errors: list[BaseException] = []
+    async for url in serve(frames_app(batches, seen, errors), BatchingWebSocketProtocol):
+        async with connect(url) as client:
+            received = [await asyncio.wait_for(client.recv(), 5) for _ in range(4)]
+        assert received == ['{"n":1}', '{"n":2}', "\u00e9t\u00e9", '{"n":3}']  # text frames, in order
+        assert EXTENSION in seen[0]["extensions"]
+        await wait_for(lambda: errors, 5)
+        assert isinstance(errors[0], RuntimeError)  # after close, like websocket.send
+
+
+async def test_other_protocols_do_not_advertise_it() -> None:
+    seen: list[Scope] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        seen.append(scope)
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "hi"})
+        await send({"type": "websocket.close", "code": 1000})
+
+    async for url in serve(app, "websockets-sansio"):
+        async with connect(url) as client:
+            assert await asyncio.wait_for(client.recv(), 5) == "hi"
+    assert EXTENSION not in seen[0].get("extensions", {})
+
+
+@pytest.mark.parametrize("count", [1, 500])
+async def test_one_write_per_batch(count: int) -> None:
+    writes: list[int] = []
+
+    class Counting(BatchingWebSocketProtocol):
+        def connection_made(self, transport: Any) -> None:
+            write = transport.write
+
+            def counted(data: Any) -> None:
+                writes.append(len(data))
+                write(data)
+
+            transport.write = counted
+            super().connection_made(transport)
+
+    frames = [b'{"op":"job","n":%d}' % i for i in range(count)]
+    async for url in serve(frames_app([frames], [], []), Counting, ws_per_message_deflate=False):
+        async with connect(url) as client:
+            received = [await asyncio.wait_for(client.recv(), 5) for _ in range(count)]
+    assert received == [f.decode() for f in frames]
+    # Handshake response, the batch, the close frame.
+    assert len(writes) == 3
+    assert writes[1] == sum(len(f) + (2 if len(f) < 126 else 4) for f in frames)
