@@ -9,8 +9,11 @@ when the broker is idle (the first item is sent at once, on the next loop iterat
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+log = logging.getLogger("presque.batching")
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -18,8 +21,11 @@ Result = TypeVar("Result")
 # The flush function gets a key and the batch, and returns one result per item: a value, or an
 # exception that is raised to that item's caller only.
 Flush = Callable[[str, Sequence[Item]], Awaitable[Sequence[Result | BaseException]]]
-# A caller's items and the future that receives their results.
-_Entry = tuple[list[Item], "asyncio.Future[list[Result | BaseException]]"]
+# Called with one item's result, or the exception that failed it (CancelledError included).
+Done = Callable[[Result | BaseException], None]
+# A caller's items and what receives their results: the future of an awaiting caller, or the
+# callback of a single item (no task needs to wait for it).
+_Entry = tuple[list[Item], "asyncio.Future[list[Result | BaseException]] | Done[Result]"]
 
 
 class Coalescer(Generic[Item, Result]):
@@ -51,6 +57,16 @@ class Coalescer(Generic[Item, Result]):
     async def submit_group(self, key: str, items: Sequence[Item]) -> list[Result | BaseException]:
         """Queue ``items`` to be flushed together, in one call; returns one result per item."""
         return await self._enqueue(key, list(items))
+
+    def submit_soon(self, key: str, item: Item, done: Done[Result]) -> None:
+        """Like :meth:`submit` without waiting: ``done(result_or_exception)`` is called later.
+
+        For callers that would otherwise spawn a task per item only to await it. ``done`` must
+        not raise (an exception is logged, and does not reach the other items of the batch).
+        """
+        self._pending.setdefault(key, []).append(([item], done))
+        if key not in self._busy:
+            self._start_drain(key)
 
     async def _enqueue(self, key: str, items: list[Item]) -> list[Result | BaseException]:
         future: asyncio.Future[list[Result | BaseException]] = asyncio.get_running_loop().create_future()
@@ -98,15 +114,28 @@ class Coalescer(Generic[Item, Result]):
         try:
             results = list(await self._flush(key, [item for items, _ in batch for item in items]))
         except BaseException as exc:  # the whole call failed: every caller hears why
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, waiter in batch:
+                if isinstance(waiter, asyncio.Future):
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                else:
+                    _call(waiter, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         offset = 0
-        for items, future in batch:
-            part = results[offset : offset + len(items)]
+        for items, waiter in batch:
+            if isinstance(waiter, asyncio.Future):
+                part = results[offset : offset + len(items)]
+                if not waiter.done():
+                    waiter.set_result(part)
+            else:
+                _call(waiter, results[offset])
             offset += len(items)
-            if not future.done():
-                future.set_result(part)
+
+
+def _call(done: Done[Result], result: Result | BaseException) -> None:
+    try:
+        done(result)
+    except Exception:
+        log.exception("a coalesced item's callback failed")

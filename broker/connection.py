@@ -3,7 +3,9 @@
 The session (``protocol.py``) decides everything; this class only awaits. Frames are read and
 handled in order; commands that need Redis and return nothing the next frame depends on (push,
 ack, nack, touch, progress, publish) run concurrently, bounded per connection, so that one
-connection can keep many pushes in flight (their replies may therefore overtake each other). A
+connection can keep many pushes in flight (their replies may therefore overtake each other).
+The most frequent, a single push and an ack, go to the runtime's coalescers with a callback
+rather than in a task of their own; the others each run in a task. A
 single writer task sends what the session queues, and reports its backlog so that a slow reader
 stops receiving jobs instead of buffering them.
 """
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
@@ -85,7 +88,8 @@ class Connection:
         self._check_token = check_token
         self._idle_timeout = idle_timeout
         self._output = asyncio.Event()
-        self._pending = asyncio.Semaphore(MAX_PENDING)
+        self._pending = 0  # commands running concurrently (tasks and coalesced items)
+        self._change_waiter: asyncio.Future[None] | None = None  # resolved when one of them ends
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self._socket_closed = False
@@ -119,8 +123,9 @@ class Connection:
             await self._release(self.session.close())
             # Acks, pushes... read before the close still happen (an ack the client sent before
             # closing must not leave its job leased until the lease expires).
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=FLUSH_TIMEOUT)
+            if self._pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drained(), FLUSH_TIMEOUT)
             for task in list(self._tasks):
                 task.cancel()
             writer.cancel()
@@ -180,10 +185,17 @@ class Connection:
 
     async def _execute(self, cmd: Command) -> None:
         match cmd:
-            case Ack() | Nack():
+            case Push():
+                await self._reserve()
+                self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
+            case Ack():
+                self.hub.credit_returned(cmd.queue)
+                await self._reserve()
+                self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
+            case Nack():
                 self.hub.credit_returned(cmd.queue)
                 await self._spawn(cmd, lambda: self._settle(cmd))
-            case Push() | PushBatch() | Touch() | Progress() | Publish():
+            case PushBatch() | Touch() | Progress() | Publish():
                 await self._spawn(cmd, lambda: self._run_command(cmd))
             case Auth():
                 self._authenticate(cmd)
@@ -230,9 +242,34 @@ class Connection:
             return
         self.session.authenticated(cmd, authorize)
 
+    # -- commands running concurrently: at most MAX_PENDING, beyond which reading pauses ---------
+
+    async def _reserve(self) -> None:
+        while self._pending >= MAX_PENDING:
+            await self._next_change()
+        self._pending += 1
+
+    def _finished(self) -> None:
+        self._pending -= 1
+        waiter = self._change_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._output.set()
+
+    async def _next_change(self) -> None:
+        self._change_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._change_waiter
+        finally:
+            self._change_waiter = None
+
+    async def _drained(self) -> None:
+        while self._pending:
+            await self._next_change()
+
     async def _spawn(self, cmd: Command, work: Callable[[], Awaitable[None]]) -> None:
-        await self._pending.acquire()
-        task = asyncio.create_task(self._guarded(cmd, work, self._pending.release))
+        await self._reserve()
+        task = asyncio.create_task(self._guarded(cmd, work, self._finished))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -242,27 +279,60 @@ class Connection:
         # ``work`` makes its coroutine only once running: a task cancelled before it starts leaves none behind.
         try:
             await work()
-        except BrokerError as exc:
-            self.session.command_raised(cmd, exc)
-        except (RedisError, OSError) as exc:
-            self.session.command_failed(cmd, ErrorCode.UNAVAILABLE, f"redis unavailable: {exc}")
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("command %s failed", type(cmd).__name__)
-            self.session.command_failed(cmd, ErrorCode.INTERNAL, "internal error")
+        except Exception as exc:
+            self._failed(cmd, exc)
         finally:
             if done is not None:
                 done()
             self._output.set()
 
-    async def _settle(self, cmd: Ack | Nack) -> None:
+    def _failed(self, cmd: Command, exc: BaseException) -> None:
+        """Answer a command that raised ``exc`` with its error frame (none if it was cancelled)."""
+        if isinstance(exc, BrokerError):
+            self.session.command_raised(cmd, exc)
+        elif isinstance(exc, RedisError | OSError):
+            self.session.command_failed(cmd, ErrorCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        elif not isinstance(exc, asyncio.CancelledError):
+            log.error("command %s failed", type(cmd).__name__, exc_info=exc)
+            self.session.command_failed(cmd, ErrorCode.INTERNAL, "internal error")
+
+    def _push_options(self, cmd: Push) -> PushOptions:
+        if cmd.priority is None and cmd.max_attempts is None and not (cmd.delay or cmd.ttl or cmd.uniq):
+            return self.runtime.push_defaults
+        settings = self.runtime.settings.queues
+        return PushOptions(
+            priority=settings.default_priority if cmd.priority is None else cmd.priority,
+            delay=cmd.delay or 0.0,
+            ttl=cmd.ttl or 0.0,
+            uniq=cmd.uniq or "",
+            max_attempts=settings.max_attempts if cmd.max_attempts is None else cmd.max_attempts,
+        )
+
+    def _pushed(self, cmd: Push, result: str | BaseException) -> None:
+        try:
+            if isinstance(result, BaseException):
+                self._failed(cmd, result)
+            else:
+                self.session.command_done(cmd, result)
+        except Exception as exc:
+            self._failed(cmd, exc)
+        self._finished()
+
+    def _acked(self, cmd: Ack, result: BaseException | None) -> None:
+        try:
+            if isinstance(result, BaseException):
+                self._failed(cmd, result)
+            else:
+                self.session.command_done(cmd)
+                self.hub.emit_events(cmd.queue, [(cmd.id, "acked", cmd.result_json)])
+        except Exception as exc:
+            self._failed(cmd, exc)
+        self._finished()
+
+    async def _settle(self, cmd: Nack) -> None:
         queue = cmd.queue
-        if isinstance(cmd, Ack):
-            await self.runtime.ack(queue, cmd.id, cmd.token)
-            self.session.command_done(cmd)
-            self.hub.emit_events(queue, [(cmd.id, "acked", cmd.result_json)])
-            return
         outcome = await self.runtime.queues.nack(queue, cmd.id, cmd.token, delay=cmd.delay, error=cmd.error or "")
         self.session.command_done(cmd)
         event = "dead" if outcome.outcome == "dead" else "nacked"
@@ -270,23 +340,8 @@ class Connection:
 
     async def _run_command(self, cmd: Command) -> None:
         match cmd:
-            case Push():
-                settings = self.runtime.settings.queues
-                opts = PushOptions(
-                    priority=settings.default_priority if cmd.priority is None else cmd.priority,
-                    delay=cmd.delay or 0.0,
-                    ttl=cmd.ttl or 0.0,
-                    uniq=cmd.uniq or "",
-                    max_attempts=settings.max_attempts if cmd.max_attempts is None else cmd.max_attempts,
-                )
-                job_id = await self.runtime.push(cmd.queue, cmd.body_json, opts)
-                self.session.command_done(cmd, job_id)
             case PushBatch():
-                defaults = PushOptions(
-                    priority=self.runtime.settings.queues.default_priority,
-                    max_attempts=self.runtime.settings.queues.max_attempts,
-                )
-                ids = await self.runtime.push_batch(cmd.queue, cmd.bodies, defaults)
+                ids = await self.runtime.push_batch(cmd.queue, cmd.bodies, self.runtime.push_defaults)
                 self.session.command_done(cmd, ids)
             case Touch():
                 await self.runtime.queues.touch(cmd.queue, cmd.id, cmd.token, cmd.lease or 0.0)

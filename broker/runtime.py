@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -56,6 +56,8 @@ class Runtime:
         self.notifier = Notifier(redis)
         self.workers = WorkerRegistry(redis)
         self.stats = Stats(redis, self.queues, self.workers)
+        # The options of a push that sets none, shared by every such push.
+        self.push_defaults = PushOptions(priority=q.default_priority, max_attempts=q.max_attempts)
         self.pusher: Coalescer[PushItem, str] = Coalescer(self._flush_pushes, max_batch=settings.limits.max_batch)
         self.acker: Coalescer[tuple[str, str], None] = Coalescer(
             self.queues.ack_many, max_batch=settings.limits.max_batch
@@ -94,6 +96,18 @@ class Runtime:
         self.delivery.emit_events(queue, [(job_id, "pushed", None)])
         return job_id
 
+    def push_soon(
+        self, queue: str, body: bytes, opts: PushOptions, done: Callable[[str | BaseException], None]
+    ) -> None:
+        """:meth:`push` without a task to await it: ``done(job_id or exception)`` is called later."""
+
+        def pushed(result: str | BaseException) -> None:
+            if not isinstance(result, BaseException):
+                self.delivery.emit_events(queue, [(result, "pushed", None)])
+            done(result)
+
+        self.pusher.submit_soon(f"0{queue}", (body, opts, False), pushed)
+
     async def push_batch(self, queue: str, bodies: Sequence[bytes], opts: PushOptions) -> list[str]:
         """Push a batch atomically and in order with the queue's other pushes; returns the ids."""
         results = await self.pusher.submit_group(f"0{queue}", [(body, opts, False) for body in bodies])
@@ -115,6 +129,10 @@ class Runtime:
     async def ack(self, queue: str, job_id: str, token: str) -> None:
         """Acknowledge one job; concurrent acks on a queue share one Redis call."""
         await self.acker.submit(queue, (job_id, token))
+
+    def ack_soon(self, queue: str, job_id: str, token: str, done: Callable[[BaseException | None], None]) -> None:
+        """:meth:`ack` without a task to await it: ``done(None or exception)`` is called later."""
+        self.acker.submit_soon(queue, (job_id, token), done)
 
     # -- taking, with long-poll --------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -119,6 +119,49 @@ async def test_coalescer_failure_reaches_every_caller_of_the_batch() -> None:
 
     coalescer: Coalescer[int, int] = Coalescer(flush)
     results = await asyncio.gather(*(coalescer.submit("k", i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+
+
+async def test_coalescer_callbacks_share_batches_with_awaiting_callers() -> None:
+    calls: list[list[int]] = []
+
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        calls.append(list(items))
+        await asyncio.sleep(0)
+        return [ValueError(i) if i == 2 else i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_batch=3)
+    results: dict[int, object] = {}
+
+    def done_for(i: int) -> Callable[[int | BaseException], None]:
+        def done(result: int | BaseException) -> None:
+            results[i] = result
+            if i == 3:
+                raise RuntimeError("a failing callback is logged, the others still hear")
+
+        return done
+
+    coalescer.submit_soon("k", 0, done_for(0))
+    awaited = asyncio.create_task(coalescer.submit("k", 1))
+    await asyncio.sleep(0)  # the task submits its item
+    for i in (2, 3, 4):
+        coalescer.submit_soon("k", i, done_for(i))
+    assert await awaited == 10
+    await wait_for(lambda: len(results) == 4)
+    assert results[0] == 0 and results[3] == 30 and results[4] == 40
+    assert isinstance(results[2], ValueError)
+    assert calls == [[0, 1, 2], [3, 4]]
+
+
+async def test_coalescer_callbacks_hear_a_failed_call() -> None:
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        raise ConnectionError("redis down")
+
+    coalescer: Coalescer[int, int] = Coalescer(flush)
+    results: list[int | BaseException] = []
+    for i in range(3):
+        coalescer.submit_soon("k", i, results.append)
+    await wait_for(lambda: len(results) == 3)
     assert all(isinstance(r, ConnectionError) for r in results)
 
 
