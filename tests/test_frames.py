@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.frames import (
     Ack,
@@ -27,6 +29,7 @@ from broker.frames import (
     Unsubscribe,
     Unwatch,
     Watch,
+    _parse,
     decode,
     error_frame,
     event_frame,
@@ -406,3 +409,47 @@ def test_error_frame() -> None:
     }
     frame = orjson.loads(error_frame("job_exists", "job already exists", "r", {"id": "x", "op": "ignored"}))
     assert frame == {"op": "error", "ref": "r", "error": "job already exists", "code": "job_exists", "id": "x"}
+
+
+# --- the fast path of push and ack ----------------------------------------------------------------
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=False),
+    st.sampled_from(["", "q", "j1", "t", "bad name", "-x", "é", "q" * 129]),
+    st.lists(st.integers(0, 2), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "b"]), st.integers(0, 2), max_size=2),
+)
+_fields = st.sampled_from(["queue", "body", "id", "token", "ref", "jobs", "result", "priority", "uniq", "x"])
+
+
+def _outcome(op: str, frame: dict[str, Any], general: bool) -> object:
+    ref = frame.get("ref") if isinstance(frame.get("ref"), str) else None
+    try:
+        if general:
+            return _parse(op, frame, ref, LIMITS, locate)
+        return parse(op, frame, ref, LIMITS, locate)
+    except FrameError as exc:
+        return (exc.code, exc.message)
+
+
+@given(st.sampled_from(["push", "ack"]), st.dictionaries(_fields, _values, max_size=5))
+@settings(max_examples=400, deadline=None)
+def test_fast_and_general_paths_agree(op: str, fields: dict[str, Any]) -> None:
+    frame = {"op": op, **fields}
+    assert _outcome(op, frame, general=False) == _outcome(op, frame, general=True)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"op": "push", "queue": "q", "body": {"a": [1, None]}},
+        {"op": "push", "queue": "q", "body": None, "ref": "r"},
+        {"op": "ack", "id": "j1", "token": "t"},
+        {"op": "ack", "id": "j1", "token": "t", "ref": "r"},
+    ],
+)
+def test_fast_path_commands_equal_the_general_ones(frame: dict[str, Any]) -> None:
+    assert p(frame) == _parse(frame["op"], frame, frame.get("ref"), LIMITS, locate)
