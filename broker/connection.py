@@ -87,11 +87,15 @@ class Connection:
         self.session = session
         self._check_token = check_token
         self._idle_timeout = idle_timeout
-        self._output = asyncio.Event()
+        # No task, event or timer more than needed: the broker holds thousands of idle connections.
+        self._writer: asyncio.Task[None] | None = None  # runs while there is output to write
+        self._ended = False  # run() is over: no writer starts any more
+        self._end_waiter: asyncio.Future[None] | None = None  # shut_down() waiting for the end
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_input = 0.0
         self._pending = 0  # commands running concurrently (tasks and coalesced items)
         self._change_waiter: asyncio.Future[None] | None = None  # resolved when one of them ends
         self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = asyncio.Event()
         self._socket_closed = False
         self._unavailable_told = 0.0
 
@@ -104,18 +108,18 @@ class Connection:
             first: a frame to handle before reading any, e.g. the implicit subscribe of ``/ws/{queue}``.
         """
         self.hub.connected(self)
-        writer = asyncio.create_task(self._write_loop(), name="presque-ws-writer")
         try:
             if first is not None:
                 for cmd in self.session.receive_object(first):
                     await self._execute(cmd)
-                self._output.set()
+                self._wake_writer()
             await self._read_loop()
             if self.session.close_code is not None:
                 # Let the writer flush the last frames (an error, ``shutdown``); it then closes.
-                self._output.set()
-                with contextlib.suppress(TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(writer), FLUSH_TIMEOUT)
+                self._wake_writer()
+                if self._writer is not None:
+                    with contextlib.suppress(TimeoutError, Exception):
+                        await asyncio.wait_for(asyncio.shield(self._writer), FLUSH_TIMEOUT)
         except Exception:
             log.exception("connection failed")
         finally:
@@ -128,19 +132,25 @@ class Connection:
                     await asyncio.wait_for(self._drained(), FLUSH_TIMEOUT)
             for task in list(self._tasks):
                 task.cancel()
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await writer
+            self._ended = True
+            writer = self._writer
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
             await self._close_socket()
-            self._closed.set()
+            if self._end_waiter is not None and not self._end_waiter.done():
+                self._end_waiter.set_result(None)
 
     async def shut_down(self, timeout: float = 5.0) -> None:
         """Graceful broker shutdown: ``shutdown`` frame, every held job returned, then close 1001."""
         self.session.shutdown()
         await self._release(self.session.close())
-        self._output.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closed.wait(), timeout)
+        self._wake_writer()
+        if not self._ended:
+            self._end_waiter = self._end_waiter or asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._end_waiter), timeout)
 
     async def _release(self, leases: list[Lease]) -> None:
         by_queue: dict[str, list[tuple[str, str]]] = {}
@@ -159,27 +169,48 @@ class Connection:
 
     # -- reading ------------------------------------------------------------------------------------
 
-    def _idle_limit(self) -> float | None:
-        s = self.session
-        holds_something = s.subscriptions or s.channels or s.watches
-        return None if holds_something else self._idle_timeout
-
     async def _read_loop(self) -> None:
-        while self.session.close_code is None:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), self._idle_limit())
-            except TimeoutError:
-                self.session.start_close(CloseCode.NORMAL, "idle timeout")
-                return
-            if message["type"] == "websocket.disconnect":
-                self._socket_closed = True
-                return
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes") or b""
-            for cmd in self.session.receive(data):
-                await self._execute(cmd)
-            self._output.set()
+        loop = asyncio.get_running_loop()
+        # The raw ASGI receive: Starlette's WebSocket.receive only adds state checks on this path.
+        receive = self.ws._receive
+        self._last_input = loop.time()
+        self._idle_timer = loop.call_at(self._last_input + self._idle_timeout, self._idle_check)
+        try:
+            while self.session.close_code is None:
+                message = await receive()
+                self._last_input = loop.time()
+                if message["type"] == "websocket.disconnect":
+                    self._socket_closed = True
+                    return
+                data = message.get("text")
+                if data is None:
+                    data = message.get("bytes") or b""
+                for cmd in self.session.receive(data):
+                    await self._execute(cmd)
+                self._wake_writer()
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+
+    def _idle_check(self) -> None:
+        # One timer per connection, rearmed when it fires, rather than a timeout around every
+        # receive (asyncio.wait_for makes a task each time). A connection that holds a
+        # subscription, a channel or a watch is never idle.
+        loop = asyncio.get_running_loop()
+        s = self.session
+        due = self._last_input + self._idle_timeout
+        if s.close_code is not None:
+            self._idle_timer = None
+        elif s.subscriptions or s.channels or s.watches:
+            self._idle_timer = loop.call_at(loop.time() + self._idle_timeout, self._idle_check)
+        elif loop.time() < due:
+            self._idle_timer = loop.call_at(due, self._idle_check)
+        else:
+            self._idle_timer = None
+            # The writer closes the socket; the read loop then receives the disconnect.
+            self.session.start_close(CloseCode.NORMAL, "idle timeout")
+            self._wake_writer()
 
     # -- executing commands ------------------------------------------------------------------------
 
@@ -254,7 +285,7 @@ class Connection:
         waiter = self._change_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self._output.set()
+        self._wake_writer()
 
     async def _next_change(self) -> None:
         self._change_waiter = asyncio.get_running_loop().create_future()
@@ -286,7 +317,7 @@ class Connection:
         finally:
             if done is not None:
                 done()
-            self._output.set()
+            self._wake_writer()
 
     def _failed(self, cmd: Command, exc: BaseException) -> None:
         """Answer a command that raised ``exc`` with its error frame (none if it was cancelled)."""
@@ -363,29 +394,35 @@ class Connection:
         """Called by the queue feed: queue a job frame; False if the session did not take it."""
         taken = self.session.deliver(job.queue, job.id, job.token, job.attempt, job.body)
         if taken:
-            self._output.set()
+            self._wake_writer()
         return taken
 
     def relay_message(self, channel: str, data: bytes) -> None:
         if self.session.message(channel, data):
-            self._output.set()
+            self._wake_writer()
 
     def relay_event(self, queue: str, job_id: str, event: str, data: bytes | None) -> None:
         if self.session.event(queue, job_id, event, data):
-            self._output.set()
+            self._wake_writer()
 
     def relay_stats(self, snapshot: bytes, queue: str | None) -> None:
         if self.session.stats(snapshot, queue):
-            self._output.set()
+            self._wake_writer()
 
     def tell_unavailable(self) -> None:
         now = time.monotonic()
         if now - self._unavailable_told >= UNAVAILABLE_EVERY:
             self._unavailable_told = now
             self.session.send_error(ErrorCode.UNAVAILABLE, "redis unavailable: deliveries resume when it is back")
-            self._output.set()
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Have the writer send what the session queued: at the next turn of the loop, once."""
+        if self._writer is None and not (self._ended or self._socket_closed):
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
+        # Runs while there is output, then ends: an idle connection has no writer task.
         limit = self.session.limits.send_buffer
         # Whether the backlog reached the limit since the last time it drained below: the feeds saw
         # no credit then, and must hear when it comes back. The backlog only grows between two
@@ -394,30 +431,29 @@ class Connection:
         # Under presque's own protocol (broker/wsproto.py) a batch of frames is one ASGI message
         # and one socket write; under any other, one ``websocket.send`` per frame.
         batched = EXTENSION in self.ws.scope.get("extensions", {})
-        while True:
-            await self._output.wait()
-            self._output.clear()
-            frames = self.session.data_to_send()
-            backlog = sum(len(f) for f in frames)
-            self.session.set_send_backlog(backlog)
-            if batched:
-                if frames:
+        try:
+            while frames := self.session.data_to_send():
+                backlog = sum(len(f) for f in frames)
+                self.session.set_send_backlog(backlog)
+                if batched:
                     # The raw ASGI send: Starlette's WebSocket.send refuses message types it does not know.
                     await self.ws._send({"type": SEND_FRAMES, "frames": frames})
                     throttled = throttled or self.session.send_backlog >= limit
                     self.session.set_send_backlog(0)
-            else:
-                for frame in frames:
-                    await self.ws.send({"type": "websocket.send", "text": frame.decode()})
-                    throttled = throttled or self.session.send_backlog >= limit
-                    backlog -= len(frame)
-                    self.session.set_send_backlog(backlog)
-            if throttled and self.session.send_backlog < limit:
-                throttled = False
-                self.hub.all_credit_returned(self)
-            if self.session.close_code is not None and not self.session.send_backlog:
+                else:
+                    for frame in frames:
+                        await self.ws.send({"type": "websocket.send", "text": frame.decode()})
+                        throttled = throttled or self.session.send_backlog >= limit
+                        backlog -= len(frame)
+                        self.session.set_send_backlog(backlog)
+                if throttled and self.session.send_backlog < limit:
+                    throttled = False
+                    self.hub.all_credit_returned(self)
+            if self.session.close_code is not None:
                 await self._close_socket()
-                return
-            # Drop the last batch before waiting: an idle connection would otherwise keep its last
-            # frame alive, and orjson's output holds a 4 KB block whatever its length.
-            frames, frame = [], b""
+        except Exception:
+            # The socket is gone (or broken): write nothing more; the read loop hears the disconnect.
+            self._socket_closed = True
+            log.debug("writing to the WebSocket failed", exc_info=True)
+        finally:
+            self._writer = None

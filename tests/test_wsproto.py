@@ -10,7 +10,7 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import connect
 
-from broker.wsproto import EXTENSION, SEND_FRAMES, BatchingWebSocketProtocol
+from broker.wsproto import EXTENSION, SEND_FRAMES, BatchingWebSocketProtocol, Flag, Inbox
 from tests.servers import free_port, wait_for
 
 Scope = dict[str, Any]
@@ -99,3 +99,45 @@ async def test_one_write_per_batch(count: int) -> None:
     # Handshake response, the batch, the close frame.
     assert len(writes) == 3
     assert writes[1] == sum(len(f) + (2 if len(f) < 126 else 4) for f in frames)
+
+
+async def test_inbox_hands_items_in_order_to_waiting_getters() -> None:
+    inbox: Inbox[int] = Inbox()
+    assert inbox.empty()
+    first = asyncio.create_task(inbox.get())
+    cancelled = asyncio.create_task(inbox.get())
+    second = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()  # a getter that gives up does not take an item, nor stop the others
+    inbox.put_nowait(1)
+    inbox.put_nowait(2)
+    assert sorted([await first, await second]) == [1, 2]
+    assert cancelled.cancelled() and inbox.empty()
+    inbox.put_nowait(3)
+    assert not inbox.empty() and await inbox.get() == 3
+
+
+async def test_flag_blocks_waiters_while_cleared() -> None:
+    flag = Flag()
+    assert flag.is_set() and await flag.wait()
+    flag.clear()
+    waiters = [asyncio.create_task(flag.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    assert await asyncio.gather(*waiters) == [True, True]
+
+
+async def test_the_handshake_is_not_kept_after_accept() -> None:
+    protocols: list[BatchingWebSocketProtocol] = []
+
+    class Kept(BatchingWebSocketProtocol):
+        def connection_made(self, transport: Any) -> None:
+            protocols.append(self)
+            super().connection_made(transport)
+
+    async for url in serve(frames_app([[b"x"]], [], []), Kept):
+        async with connect(url) as client:
+            assert await asyncio.wait_for(client.recv(), 5) == "x"
+            (protocol,) = protocols
+            assert protocol.request is None and protocol.response is None
