@@ -6,8 +6,9 @@ ack, nack, touch, progress, publish) run concurrently, bounded per connection, s
 connection can keep many pushes in flight (their replies may therefore overtake each other).
 The most frequent, a single push and an ack, go to the runtime's coalescers with a callback
 rather than in a task of their own; the others each run in a task. A
-single writer task sends what the session queues, and reports its backlog so that a slow reader
-stops receiving jobs instead of buffering them.
+writer task, started when the session has output and ended when it has none, sends what the
+session queues and reports its backlog, so that a slow reader stops receiving jobs instead of
+buffering them.
 """
 
 from __future__ import annotations
@@ -216,17 +217,23 @@ class Connection:
 
     async def _execute(self, cmd: Command) -> None:
         match cmd:
-            case Push():
+            # With no task of this connection in flight, straight to the coalescer. Otherwise in a
+            # task too, as they were: a task starts its Redis call a few loop turns after it is
+            # made, and a progress or touch must not find its job already acked by a later frame.
+            case Push() if not self._tasks:
                 await self._reserve()
                 self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
-            case Ack():
+            case Ack() if not self._tasks:
                 self.hub.credit_returned(cmd.queue)
                 await self._reserve()
                 self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
+            case Ack():
+                self.hub.credit_returned(cmd.queue)
+                await self._spawn(cmd, lambda: self._ack(cmd))
             case Nack():
                 self.hub.credit_returned(cmd.queue)
                 await self._spawn(cmd, lambda: self._settle(cmd))
-            case PushBatch() | Touch() | Progress() | Publish():
+            case Push() | PushBatch() | Touch() | Progress() | Publish():
                 await self._spawn(cmd, lambda: self._run_command(cmd))
             case Auth():
                 self._authenticate(cmd)
@@ -356,11 +363,18 @@ class Connection:
             if isinstance(result, BaseException):
                 self._failed(cmd, result)
             else:
-                self.session.command_done(cmd)
-                self.hub.emit_events(cmd.queue, [(cmd.id, "acked", cmd.result_json)])
+                self._ack_done(cmd)
         except Exception as exc:
             self._failed(cmd, exc)
         self._finished()
+
+    async def _ack(self, cmd: Ack) -> None:
+        await self.runtime.ack(cmd.queue, cmd.id, cmd.token)
+        self._ack_done(cmd)
+
+    def _ack_done(self, cmd: Ack) -> None:
+        self.session.command_done(cmd)
+        self.hub.emit_events(cmd.queue, [(cmd.id, "acked", cmd.result_json)])
 
     async def _settle(self, cmd: Nack) -> None:
         queue = cmd.queue
@@ -371,6 +385,9 @@ class Connection:
 
     async def _run_command(self, cmd: Command) -> None:
         match cmd:
+            case Push():
+                job_id = await self.runtime.push(cmd.queue, cmd.body_json, self._push_options(cmd))
+                self.session.command_done(cmd, job_id)
             case PushBatch():
                 ids = await self.runtime.push_batch(cmd.queue, cmd.bodies, self.runtime.push_defaults)
                 self.session.command_done(cmd, ids)
