@@ -25,7 +25,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.config import ServerSettings
 
-__all__ = ["REQUEST_ID", "JsonFormatter", "RequestIdMiddleware", "TextFormatter", "setup_logging"]
+__all__ = [
+    "REQUEST_ID",
+    "JsonFormatter",
+    "RequestIdMiddleware",
+    "TextFormatter",
+    "accepted_id",
+    "new_id",
+    "setup_logging",
+]
 
 # A context variable is per task and per request by construction: not shared mutable state.
 REQUEST_ID: ContextVar[str | None] = ContextVar("presque_request_id", default=None)
@@ -148,5 +156,10 @@ class RequestIdMiddleware:
 def _client_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == HEADER:
-            return value.decode("ascii") if _VALID_ID.fullmatch(value) else None
+            return accepted_id(value)
     return None
+
+
+def accepted_id(value: bytes) -> str | None:
+    """The client's ``X-Request-Id`` value if it is a sensible id (1-64 of ``A-Za-z0-9._:-``), else None."""
+    return value.decode("ascii") if _VALID_ID.fullmatch(value) else None
