@@ -129,7 +129,7 @@ class FastPush:
                     client_id = value
             elif name == b"origin":
                 refer = refer or self.cors  # a cross-origin request: CORSMiddleware's answer
-            elif name == b"content-length":
+            elif name == b"content-length" and not (value.isdigit() and int(value) <= self.max_body):
                 refer = refer or not _length_ok(value, self.max_body)
         query: bytes = scope["query_string"]
         try:
