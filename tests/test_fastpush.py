@@ -75,7 +75,7 @@ class Case:
     path: str
     content: bytes | Callable[[], AsyncIterator[bytes]] = b'{"n": 1}'
     params: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] | list[tuple[str, str]] = field(default_factory=dict)
     served: bool = False  # answered by the lean path itself
 
     def __str__(self) -> str:
@@ -135,6 +135,7 @@ GOOD = [
     Case("POST", "/q/fp", b"1", {"unknown": "ignored"}, served=True),
     Case("POST", "/q/fp", headers={"X-Request-Id": "client-id.1:2"}, served=True),
     Case("POST", "/q/fp", headers={"X-Request-Id": "not a valid id"}, served=True),
+    Case("POST", "/q/fp", headers=[("X-Request-Id", "first"), ("X-Request-Id", "second")], served=True),
     Case("POST", "/q/fp", headers={"Origin": "https://elsewhere.example"}, served=True),  # CORS off
     Case("POST", "/q/fp", chunks(b'{"a"', b": ", b"1}"), served=True),
     Case("POST", "/q/a.b:c-d_e", b"[]", served=True),
@@ -188,7 +189,7 @@ async def test_good_and_bad_requests_answer_alike(redis_url: str) -> None:
     async with twin(redis_url) as t:
         await t.routed.get("/health")  # the app builds its middleware stack: the lean path starts
         pushed = await compare(t, GOOD + BAD)
-        assert pushed == 2 * (12 + 3 + 1 + 2)
+        assert pushed == 2 * (13 + 3 + 1 + 2)
         assert (await t.fast.get("/j/fp")).json()["pushed"] == pushed
         assert (await t.fast.get("/j/a.b:c-d_e")).json()["pushed"] == 2
 
@@ -301,3 +302,60 @@ async def test_redis_down_answers_alike(make_redis_server: Callable[..., RedisSe
         )
         response = await t.fast.post("/q/down", content=b"1")
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
+
+
+async def call(app: Any, scope: dict[str, Any], body: bytes) -> list[dict[str, Any]]:
+    """Call an ASGI app directly with one request; returns the messages it sent."""
+    received = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return received.pop() if received else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_request_under_a_root_path_goes_to_the_app(redis_url: str) -> None:
+    async with twin(redis_url) as t:
+        await t.routed.get("/health")
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/api/q/rooted", "raw_path": b"/api/q/rooted", "root_path": "/api", "query_string": b"",
+            "headers": [(b"host", b"x"), (b"x-request-id", b"rooted")], "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        fast = await call(t.app, dict(scope), b"1")
+        routed = await call(t.app.serve_routed, dict(scope), b"2")
+        assert t.app.fast_push.served == 0
+        assert fast[0]["status"] == routed[0]["status"] == 201
+        assert [name for name, _ in fast[0]["headers"]] == [name for name, _ in routed[0]["headers"]]
+        assert (await t.fast.get("/j/rooted")).json()["pushed"] == 2
+        # Mounted at /q, the path /q/rooted is the app's /rooted: no push route.
+        scope.update(path="/q/rooted", raw_path=b"/q/rooted", root_path="/q")
+        fast = await call(t.app, dict(scope), b"1")
+        routed = await call(t.app.serve_routed, dict(scope), b"2")
+        assert t.app.fast_push.served == 0
+        assert fast[0]["status"] == routed[0]["status"] == 404
+        assert fast[1]["body"] == routed[1]["body"] == b'{"error":"not found"}'
+
+
+async def test_a_client_gone_mid_body_pushes_nothing(redis_url: str) -> None:
+    async with twin(redis_url) as t:
+        await t.routed.get("/health")
+        server = t.fast.base_url
+        assert server.host is not None and server.port is not None
+        _, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"POST /q/gone HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        gate = t.app.fast_push.gate
+        assert gate is not None
+        await wait_for(lambda: gate.in_flight == 1, 10, message="the request did not start")
+        writer.close()
+        await writer.wait_closed()
+        await wait_for(lambda: gate.in_flight == 0, 10, message="the request did not end")
+        assert t.app.fast_push.served == 0
+        assert (await t.fast.get("/j/gone")).json()["pushed"] == 0
