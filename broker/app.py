@@ -75,7 +75,7 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
 
 class BrokerApp(Starlette):
     """Starlette, with the push routes served first by a lean path (``broker/fastpush.py``) that
-    answers them exactly as the routes and middlewares would, and hands it everything else.
+    answers them exactly as the middlewares and routes would; every other request goes to those.
 
     Args:
         fast_push: the lean path; the app binds it to itself.
