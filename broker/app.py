@@ -29,13 +29,14 @@ from starlette.types import Receive, Scope, Send
 from broker import http, openapi
 from broker.auth import AccessMiddleware, auth_routes, redacted_logs
 from broker.config import Settings
+from broker.embedded import EmbeddedRedis
 from broker.errors import BrokerError, Unavailable
 from broker.fastpush import FastPush
 from broker.logs import RequestIdMiddleware
 from broker.metrics import LatencyExporter, metrics_routes
 from broker.models import dumps
 from broker.ops import ops_routes
-from broker.redis import EmbeddedRedis, check_redis, create_redis
+from broker.redis import check_redis, create_redis
 from broker.runtime import Runtime
 from broker.ws import websocket_routes
 
