@@ -6,14 +6,16 @@
 -- KEYS[4] dead     zset id -> failed_at
 -- KEYS[5] expiry   zset id -> expire_at (ttl jobs while ready or delayed)
 -- KEYS[6] body     hash id -> body bytes
--- KEYS[7] meta     hash id -> cjson array, slots below (models.Meta)
+-- KEYS[7] meta     hash id -> cjson array, slots below (models.Meta); written by push and by the
+--                  rare paths (nack, reap, release, dead_retry), never by fetch or ack
 -- KEYS[8] uniq     hash uniq -> id
 -- KEYS[9] stats    hash of counters
 -- KEYS[10] state   hash: paused, rate_tokens, rate_at
 -- KEYS[11] done    zset id -> completed_at: tombstones of recent acks, trimmed by reap.lua
+-- KEYS[12] lease   hash id -> lease entry of a leased job (see lease_entry below)
 local K_READY, K_DELAYED, K_LEASED, K_DEAD, K_EXPIRY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_BODY, K_META, K_UNIQ, K_STATS, K_STATE = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_DONE = KEYS[11]
+local K_DONE, K_LEASE = KEYS[11], KEYS[12]
 
 local SEQ_SPAN = 281474976710656 -- 2^48
 local M_PRIORITY, M_SEQ, M_ATTEMPT, M_FAILURES, M_MAX_ATTEMPTS = 1, 2, 3, 4, 5
@@ -35,15 +37,74 @@ local function num(x)
   return string.format('%.6f', x)
 end
 
--- Forget a job entirely (acked, fetched destructively, expired, purged, deleted).
-local function drop_jobs(ids, metas)
-  if #ids == 0 then return end
-  redis.call('HDEL', K_BODY, unpack(ids))
-  redis.call('HDEL', K_META, unpack(ids))
+-- The slots fetch needs, read from the head of a meta array without decoding all of it: slots 1-8
+-- are numbers, which cjson writes without commas, and slot 9 (uniq) is the first string.
+local META_HEAD = '^%[[^,]*,[^,]*,([^,]*),[^,]*,[^,]*,[^,]*,([^,]*),([^,]*),(..)'
+
+-- Returns attempt, run_at, expire_at (numbers) and whether the job has a uniq key.
+local function meta_head(raw)
+  local attempt, run_at, expire_at, uniq = string.match(raw, META_HEAD)
+  if not attempt then
+    local meta = cjson.decode(raw)
+    return meta[M_ATTEMPT], meta[M_RUN_AT], meta[M_EXPIRE_AT], meta[M_UNIQ] ~= ''
+  end
+  return tonumber(attempt), tonumber(run_at), tonumber(expire_at), uniq ~= '""'
+end
+
+-- A leased job's lease lives in the lease hash, not in its meta, so that fetch and ack neither
+-- decode, re-encode nor rewrite the meta. The entry is 'token deadline attempt lease uniq':
+-- deadline as in the leased set (ack checks it here, without a ZMSCORE), attempt this delivery's
+-- (the meta keeps the count before it until the lease ends), lease the seconds it was taken for
+-- (touch's default), uniq 1 when the job has a uniq key (ack must then free it), else 0.
+-- Tokens never contain a space. deadline and lease are strings as given to ZADD.
+local function lease_entry(token, deadline, attempt, lease, has_uniq)
+  if has_uniq then return token .. ' ' .. deadline .. ' ' .. attempt .. ' ' .. lease .. ' 1' end
+  return token .. ' ' .. deadline .. ' ' .. attempt .. ' ' .. lease .. ' 0'
+end
+
+-- Returns token, deadline, attempt, lease seconds (numbers) and has_uniq.
+local function parse_lease(entry)
+  local token, deadline, attempt, lease, uniq = string.match(entry, '^(%S+) (%S+) (%S+) (%S+) (%d)$')
+  return token, tonumber(deadline), tonumber(attempt), tonumber(lease), uniq == '1'
+end
+
+-- A lease ends without the job being acked (nack, expiry, release): the meta takes its attempt
+-- count back and holds no token (a lease taken before the lease hash existed had it there).
+local function end_lease(meta, entry)
+  if entry then
+    local _, _, attempt = parse_lease(entry)
+    meta[M_ATTEMPT] = attempt
+  end
+  meta[M_TOKEN] = ''
+end
+
+-- The uniq keys held by these jobs (read from their meta: only for jobs known to have one).
+local function uniqs_of(ids)
+  local uniqs = {}
+  if #ids == 0 then return uniqs end
+  for _, raw in ipairs(redis.call('HMGET', K_META, unpack(ids))) do
+    if raw then
+      local uniq = cjson.decode(raw)[M_UNIQ]
+      if uniq ~= '' then uniqs[#uniqs + 1] = uniq end
+    end
+  end
+  return uniqs
+end
+
+local function uniqs_of_metas(metas)
   local uniqs = {}
   for _, meta in ipairs(metas) do
     if meta[M_UNIQ] ~= '' then uniqs[#uniqs + 1] = meta[M_UNIQ] end
   end
+  return uniqs
+end
+
+-- Forget jobs entirely (acked, fetched destructively, expired, purged, deleted), with the uniq
+-- keys they held. A leased job's lease entry is its caller's to delete.
+local function drop_jobs(ids, uniqs)
+  if #ids == 0 then return end
+  redis.call('HDEL', K_BODY, unpack(ids))
+  redis.call('HDEL', K_META, unpack(ids))
   if #uniqs > 0 then redis.call('HDEL', K_UNIQ, unpack(uniqs)) end
 end
 
@@ -83,7 +144,7 @@ local function fail_job(id, meta, now, err, delay, base, cap)
   if meta[M_EXPIRE_AT] > 0 and meta[M_RUN_AT] > meta[M_EXPIRE_AT] then
     -- Its retry would come after its ttl: never deliver late.
     redis.call('HINCRBY', K_STATS, 'expired', 1)
-    drop_jobs({id}, {meta})
+    drop_jobs({id}, uniqs_of_metas({meta}))
     return 'expired'
   end
   redis.call('HINCRBY', K_STATS, 'retried', 1)
@@ -101,8 +162,13 @@ local function promote_due(now, limit)
   local zargs = {}
   for i, id in ipairs(due) do
     if metas[i] then
-      local meta = cjson.decode(metas[i])
-      zargs[#zargs + 1] = ready_score(meta)
+      -- Priority and seq are the meta's first slots: no need to decode the rest.
+      local priority, seq = string.match(metas[i], '^%[([^,]*),([^,]*),')
+      if not priority then
+        local meta = cjson.decode(metas[i])
+        priority, seq = meta[M_PRIORITY], meta[M_SEQ]
+      end
+      zargs[#zargs + 1] = (9 - tonumber(priority)) * SEQ_SPAN + tonumber(seq)
       zargs[#zargs + 1] = id
     end
   end
@@ -112,14 +178,26 @@ local function promote_due(now, limit)
 end
 
 -- The lease check shared by ack, nack, touch and release: 1 ok, 0 unknown job, -1 stale token.
-local function check_lease(id, meta_raw, deadline, token, now, allow_expired)
-  if not meta_raw then
+-- On 1, also returns the job's lease entry. A job leased by a broker from before the lease hash
+-- has no entry but its token in its meta (slot M_TOKEN): it still settles (the entry returned
+-- is then made from its meta, whose attempt already counted that delivery).
+local function check_lease(id, entry, token, now, allow_expired)
+  if entry then
+    local sep = string.find(entry, ' ', 1, true)
+    if string.sub(entry, 1, sep - 1) ~= token then return -1, nil end
+    if not allow_expired and tonumber(string.match(entry, '^%S+ (%S+)')) < now then return -1, nil end
+    return 1, entry
+  end
+  local raw = redis.call('HGET', K_META, id)
+  if not raw then
     -- Acked a moment ago: that is a stale token (409), not an unknown job (404).
     if redis.call('ZSCORE', K_DONE, id) then return -1, nil end
     return 0, nil
   end
-  local meta = cjson.decode(meta_raw)
-  if not deadline or meta[M_TOKEN] ~= token then return -1, meta end
-  if not allow_expired and tonumber(deadline) < now then return -1, meta end
-  return 1, meta
+  local deadline = redis.call('ZSCORE', K_LEASED, id)
+  if not deadline then return -1, nil end
+  local meta = cjson.decode(raw)
+  if meta[M_TOKEN] == '' or meta[M_TOKEN] ~= token then return -1, nil end
+  if not allow_expired and tonumber(deadline) < now then return -1, nil end
+  return 1, lease_entry(token, deadline, meta[M_ATTEMPT], meta[M_LEASE], meta[M_UNIQ] ~= '')
 end

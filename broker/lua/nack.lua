@@ -7,9 +7,12 @@
 local now = now_seconds()
 math.randomseed(tonumber(ARGV[8]))
 local id = ARGV[2]
-local status, meta = check_lease(id, redis.call('HGET', K_META, id), redis.call('ZSCORE', K_LEASED, id), ARGV[3], now, false)
+local status, entry = check_lease(id, redis.call('HGET', K_LEASE, id), ARGV[3], now, false)
 if status ~= 1 then return {status, '', ''} end
+local meta = cjson.decode(redis.call('HGET', K_META, id))
 redis.call('ZREM', K_LEASED, id)
+redis.call('HDEL', K_LEASE, id)
+end_lease(meta, entry)
 local outcome = fail_job(id, meta, now, ARGV[5], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]))
 if outcome == 'ready' then redis.call('PUBLISH', ARGV[1], '0') end
 if outcome == 'delayed' then redis.call('PUBLISH', ARGV[1], num(meta[M_RUN_AT])) end

@@ -16,10 +16,14 @@ local dead = 0
 if #lapsed > 0 then
   if #lapsed == limit then more = 1 end
   local metas = redis.call('HMGET', K_META, unpack(lapsed))
+  local entries = redis.call('HMGET', K_LEASE, unpack(lapsed))
   redis.call('ZREM', K_LEASED, unpack(lapsed))
+  redis.call('HDEL', K_LEASE, unpack(lapsed))
   for i, id in ipairs(lapsed) do
     if metas[i] then
-      local outcome = fail_job(id, cjson.decode(metas[i]), now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]))
+      local meta = cjson.decode(metas[i])
+      end_lease(meta, entries[i] or nil)
+      local outcome = fail_job(id, meta, now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]))
       if outcome == 'dead' then dead = dead + 1 end
       if outcome == 'ready' then wake = true end
     end
@@ -46,7 +50,7 @@ if #stale > 0 then
   if #expired_ids > 0 then
     redis.call('ZREM', K_READY, unpack(expired_ids))
     redis.call('ZREM', K_DELAYED, unpack(expired_ids))
-    drop_jobs(expired_ids, expired_metas)
+    drop_jobs(expired_ids, uniqs_of_metas(expired_metas))
     redis.call('HINCRBY', K_STATS, 'expired', #expired_ids)
   end
 end
