@@ -188,3 +188,35 @@ async def test_reap_of_a_new_lease_counts_its_attempt(service: QueueService, red
     assert (view.state, view.attempt, view.failures) == (JobState.DEAD, 2, 2)
     assert (await service.dead_list(Q))[1][0].attempt == 2
     await check_queue(redis, Q)
+
+
+async def test_an_entry_left_by_an_old_reaper_settles_nothing(service: QueueService, redis: aioredis.Redis) -> None:
+    # While old and new broker processes share Redis, an old reaper ends a lease without knowing
+    # the lease hash (its entry stays), and an old fetch may lease the job again in its meta.
+    k = keys.queue_keys(Q)
+    job_id = await service.push(Q, b"1", PushOptions(uniq="u"))
+    first = (await service.fetch(Q, lease=0.05)).jobs[0]
+    deadline = await redis.zscore(k.leased, job_id) or 0.0
+    await wait_for(lambda: _past(redis, deadline))
+    # The old reaper: out of the leased set, back to the ready set (its retry without backoff).
+    meta = orjson.loads(await redis.hget(k.meta, job_id))
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(k.leased, job_id)
+        pipe.zadd(k.ready, {job_id: (9 - meta[Meta.PRIORITY - 1]) * keys.SEQ_SPAN + meta[Meta.SEQ - 1]})
+        await pipe.execute()
+    assert await service.release(Q, [(job_id, first.token or "")]) == 0
+    assert (await service.job(Q, job_id)).state == JobState.READY
+    await lease_the_old_way(redis, job_id, "old-2", 30.0)
+    for settle in (service.ack, service.nack, service.touch):
+        with pytest.raises(StaleToken):
+            await settle(Q, job_id, first.token or "")
+    assert await service.release(Q, [(job_id, first.token or "")]) == 0
+    view = await service.job(Q, job_id)
+    assert (view.state, view.attempt) == (JobState.LEASED, 1)  # the old lease's, from the meta
+    await service.ack(Q, job_id, "old-2")
+    assert await redis.hlen(k.lease) == 0 and await redis.hlen(k.uniq) == 0
+    assert await check_queue(redis, Q) == {"ready": set(), "delayed": set(), "leased": set(), "dead": set()}
+
+
+async def _past(redis: aioredis.Redis, moment: float) -> bool:
+    return await redis_now(redis) > moment

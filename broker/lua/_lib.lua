@@ -69,9 +69,10 @@ local function parse_lease(entry)
 end
 
 -- A lease ends without the job being acked (nack, expiry, release): the meta takes its attempt
--- count back and holds no token (a lease taken before the lease hash existed had it there).
+-- count back and holds no token (a lease taken before the lease hash existed had it there, and
+-- then it is the current one: an entry beside it is a leftover, see check_lease).
 local function end_lease(meta, entry)
-  if entry then
+  if entry and meta[M_TOKEN] == '' then
     local _, _, attempt = parse_lease(entry)
     meta[M_ATTEMPT] = attempt
   end
@@ -118,19 +119,29 @@ local function schedule(id, meta, now)
   return false
 end
 
+-- Counters of a batch, added to the stats hash once per script call (count_stats).
+local FAIL_COUNTERS = {'failed', 'dead_lettered', 'expired', 'retried'}
+
+local function count_stats(counts)
+  for _, name in ipairs(FAIL_COUNTERS) do
+    if counts[name] > 0 then redis.call('HINCRBY', K_STATS, name, counts[name]) end
+  end
+end
+
 -- A delivery failed (nack or lease expiry): retry with backoff, or dead-letter after
 -- max_attempts failures. The job must already be out of the leased set.
 -- delay < 0 means exponential backoff base * 2^(failures-1), capped, with +-20% jitter.
+-- counts: {failed = 0, dead_lettered = 0, expired = 0, retried = 0}, for count_stats.
 -- Returns 'dead', 'expired', 'ready' or 'delayed'.
-local function fail_job(id, meta, now, err, delay, base, cap)
+local function fail_job(id, meta, now, err, delay, base, cap, counts)
   meta[M_FAILURES] = meta[M_FAILURES] + 1
   meta[M_LAST_ERROR] = err
   meta[M_TOKEN] = ''
-  redis.call('HINCRBY', K_STATS, 'failed', 1)
+  counts.failed = counts.failed + 1
   if meta[M_FAILURES] >= meta[M_MAX_ATTEMPTS] then
     meta[M_FAILED_AT] = now
     redis.call('ZADD', K_DEAD, now, id)
-    redis.call('HINCRBY', K_STATS, 'dead_lettered', 1)
+    counts.dead_lettered = counts.dead_lettered + 1
     if meta[M_UNIQ] ~= '' then redis.call('HDEL', K_UNIQ, meta[M_UNIQ]) end
     redis.call('HSET', K_META, id, cjson.encode(meta))
     return 'dead'
@@ -143,21 +154,31 @@ local function fail_job(id, meta, now, err, delay, base, cap)
   meta[M_RUN_AT] = now + delay
   if meta[M_EXPIRE_AT] > 0 and meta[M_RUN_AT] > meta[M_EXPIRE_AT] then
     -- Its retry would come after its ttl: never deliver late.
-    redis.call('HINCRBY', K_STATS, 'expired', 1)
+    counts.expired = counts.expired + 1
     drop_jobs({id}, uniqs_of_metas({meta}))
     return 'expired'
   end
-  redis.call('HINCRBY', K_STATS, 'retried', 1)
+  counts.retried = counts.retried + 1
   redis.call('HSET', K_META, id, cjson.encode(meta))
   if meta[M_EXPIRE_AT] > 0 then redis.call('ZADD', K_EXPIRY, meta[M_EXPIRE_AT], id) end
   if schedule(id, meta, now) then return 'ready' end
   return 'delayed'
 end
 
--- Move delayed jobs whose time has come to the ready set. Returns how many moved.
+-- Move delayed jobs whose time has come to the ready set (at most `limit`). Returns how many
+-- moved, and the run_at (as Redis wrote it) of the earliest delayed job left, or false: one
+-- ZRANGEBYSCORE reads both.
 local function promote_due(now, limit)
-  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, limit)
-  if #due == 0 then return 0 end
+  local head = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
+  local due, next_run_at = {}, false
+  for i = 1, #head, 2 do
+    if #due == limit or tonumber(head[i + 1]) > now then
+      next_run_at = head[i + 1]
+      break
+    end
+    due[#due + 1] = head[i]
+  end
+  if #due == 0 then return 0, next_run_at end
   local metas = redis.call('HMGET', K_META, unpack(due))
   local zargs = {}
   for i, id in ipairs(due) do
@@ -174,17 +195,18 @@ local function promote_due(now, limit)
   end
   if #zargs > 0 then redis.call('ZADD', K_READY, unpack(zargs)) end
   redis.call('ZREM', K_DELAYED, unpack(due))
-  return #due
+  return #due, next_run_at
 end
 
 -- The lease check shared by ack, nack, touch and release: 1 ok, 0 unknown job, -1 stale token.
--- On 1, also returns the job's lease entry. A job leased by a broker from before the lease hash
--- has no entry but its token in its meta (slot M_TOKEN): it still settles (the entry returned
--- is then made from its meta, whose attempt already counted that delivery).
+-- On 1, also returns the job's lease entry. A lease taken by a broker from before the lease hash
+-- has no entry but its token in the meta (slot M_TOKEN): it still settles, with an entry made
+-- from the meta (whose attempt already counted that delivery). While both versions run, an
+-- old process's reaper may end a lease and leave its entry behind (with a past deadline, so it
+-- settles nothing), and an old fetch may lease the job again in the meta: a token that is not
+-- the entry's is therefore checked against the meta before it is called stale.
 local function check_lease(id, entry, token, now, allow_expired)
-  if entry then
-    local sep = string.find(entry, ' ', 1, true)
-    if string.sub(entry, 1, sep - 1) ~= token then return -1, nil end
+  if entry and string.sub(entry, 1, string.find(entry, ' ', 1, true) - 1) == token then
     if not allow_expired and tonumber(string.match(entry, '^%S+ (%S+)')) < now then return -1, nil end
     return 1, entry
   end
@@ -194,10 +216,10 @@ local function check_lease(id, entry, token, now, allow_expired)
     if redis.call('ZSCORE', K_DONE, id) then return -1, nil end
     return 0, nil
   end
-  local deadline = redis.call('ZSCORE', K_LEASED, id)
-  if not deadline then return -1, nil end
   local meta = cjson.decode(raw)
   if meta[M_TOKEN] == '' or meta[M_TOKEN] ~= token then return -1, nil end
+  local deadline = redis.call('ZSCORE', K_LEASED, id)
+  if not deadline then return -1, nil end
   if not allow_expired and tonumber(deadline) < now then return -1, nil end
   return 1, lease_entry(token, deadline, meta[M_ATTEMPT], meta[M_LEASE], meta[M_UNIQ] ~= '')
 end

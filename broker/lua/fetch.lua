@@ -20,7 +20,7 @@ local now = now_seconds()
 local state = redis.call('HMGET', K_STATE, 'paused', 'rate_tokens', 'rate_at')
 if state[1] == '1' then return {-1, ''} end
 
-promote_due(now, count * 2 + 100)
+local _, next_run_at = promote_due(now, count * 2 + 100)
 
 if max_inflight > 0 and lease > 0 then
   local room = max_inflight - redis.call('ZCARD', K_LEASED)
@@ -39,11 +39,7 @@ if rate > 0 then
 end
 
 local popped = redis.call('ZPOPMIN', K_READY, count)
-if #popped == 0 then
-  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if #head == 0 then return {0, ''} end
-  return {0, head[2]}
-end
+if #popped == 0 then return {0, next_run_at or ''} end
 
 local ids = {}
 for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
@@ -103,10 +99,10 @@ if rate > 0 then
   local delivered = (#out - 2) / 5
   redis.call('HSET', K_STATE, 'rate_tokens', num(tokens - delivered), 'rate_at', num(now))
 end
-if redis.call('EXISTS', K_READY) == 1 then
+-- Fewer jobs popped than asked for: the ready set is empty, no need to ask.
+if #ids == count and redis.call('EXISTS', K_READY) == 1 then
   out[2] = '+'
 else
-  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if #head > 0 then out[2] = head[2] end
+  out[2] = next_run_at or ''
 end
 return out

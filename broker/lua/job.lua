@@ -10,9 +10,9 @@ for _, pair in ipairs({{'ready', K_READY}, {'delayed', K_DELAYED}, {'leased', K_
   local score = redis.call('ZSCORE', pair[2], id)
   if score then
     local entry = pair[1] == 'leased' and redis.call('HGET', K_LEASE, id)
-    if entry then
+    local decoded = entry and cjson.decode(meta)
+    if decoded and decoded[M_TOKEN] == '' then
       -- While leased, the current attempt is in the lease entry, not (yet) in the meta.
-      local decoded = cjson.decode(meta)
       local _, _, attempt, lease = parse_lease(entry)
       decoded[M_ATTEMPT], decoded[M_LEASE] = attempt, lease
       meta = cjson.encode(decoded)

@@ -13,7 +13,9 @@ local meta = cjson.decode(redis.call('HGET', K_META, id))
 redis.call('ZREM', K_LEASED, id)
 redis.call('HDEL', K_LEASE, id)
 end_lease(meta, entry)
-local outcome = fail_job(id, meta, now, ARGV[5], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+local counts = {failed = 0, dead_lettered = 0, expired = 0, retried = 0}
+local outcome = fail_job(id, meta, now, ARGV[5], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]), counts)
+count_stats(counts)
 if outcome == 'ready' then redis.call('PUBLISH', ARGV[1], '0') end
 if outcome == 'delayed' then redis.call('PUBLISH', ARGV[1], num(meta[M_RUN_AT])) end
 return {1, outcome, num(meta[M_RUN_AT])}

@@ -11,14 +11,17 @@ for i = 2, #ARGV, 2 do
   tokens[#tokens + 1] = ARGV[i + 1]
 end
 local entries = redis.call('HMGET', K_LEASE, unpack(ids))
+local deadlines = redis.call('ZMSCORE', K_LEASED, unpack(ids))
 local metas = redis.call('HMGET', K_META, unpack(ids))
 local released, seen, ready, meta_args, expiry, dropped, dropped_metas = {}, {}, {}, {}, {}, {}, {}
 for i, id in ipairs(ids) do
   local status, entry = check_lease(id, entries[i], tokens[i], now, true)
-  if status == 1 and not seen[id] then
+  local meta = status == 1 and cjson.decode(metas[i])
+  -- An expired lease is released too, but only while it is still this token's: still in the
+  -- leased set, and not leased again in the meta by an old process (see check_lease).
+  if meta and deadlines[i] and (meta[M_TOKEN] == '' or meta[M_TOKEN] == tokens[i]) and not seen[id] then
     seen[id] = true
     released[#released + 1] = id
-    local meta = cjson.decode(metas[i])
     end_lease(meta, entry)
     if meta[M_EXPIRE_AT] > 0 and meta[M_EXPIRE_AT] < now then
       dropped[#dropped + 1] = id
