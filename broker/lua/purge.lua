@@ -14,4 +14,6 @@ local uniqs = uniqs_of(ids)
 redis.call('ZREM', from, unpack(ids))
 redis.call('ZREM', K_EXPIRY, unpack(ids))
 drop_jobs(ids, uniqs)
+-- A waiting job has no lease entry, unless an old broker's reaper left one behind (_lib.lua).
+redis.call('HDEL', K_LEASE, unpack(ids))
 return #ids
