@@ -166,19 +166,14 @@ local function fail_job(id, meta, now, err, delay, base, cap, counts)
 end
 
 -- Move delayed jobs whose time has come to the ready set (at most `limit`). Returns how many
--- moved, and the run_at (as Redis wrote it) of the earliest delayed job left, or false: one
--- ZRANGEBYSCORE reads both.
+-- moved, and the run_at (as Redis wrote it) of the earliest delayed job left, false when there
+-- is none, or nil when jobs moved (then it was not looked up). When none is due, as is usual,
+-- that costs one look-up at the head of the delayed set, which fetch would need anyway.
 local function promote_due(now, limit)
-  local head = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
-  local due, next_run_at = {}, false
-  for i = 1, #head, 2 do
-    if #due == limit or tonumber(head[i + 1]) > now then
-      next_run_at = head[i + 1]
-      break
-    end
-    due[#due + 1] = head[i]
-  end
-  if #due == 0 then return 0, next_run_at end
+  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if #head == 0 then return 0, false end
+  if tonumber(head[2]) > now then return 0, head[2] end
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, limit)
   local metas = redis.call('HMGET', K_META, unpack(due))
   local zargs = {}
   for i, id in ipairs(due) do
@@ -195,7 +190,17 @@ local function promote_due(now, limit)
   end
   if #zargs > 0 then redis.call('ZADD', K_READY, unpack(zargs)) end
   redis.call('ZREM', K_DELAYED, unpack(due))
-  return #due, next_run_at
+  return #due, nil
+end
+
+-- The hint of an empty ready set: the run_at of the next delayed job, or ''. `known` is what
+-- promote_due said.
+local function next_run_at(known)
+  if known == nil then
+    local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+    return head[2] or ''
+  end
+  return known or ''
 end
 
 -- The lease check shared by ack, nack, touch and release: 1 ok, 0 unknown job, -1 stale token.

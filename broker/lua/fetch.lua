@@ -20,7 +20,7 @@ local now = now_seconds()
 local state = redis.call('HMGET', K_STATE, 'paused', 'rate_tokens', 'rate_at')
 if state[1] == '1' then return {-1, ''} end
 
-local _, next_run_at = promote_due(now, count * 2 + 100)
+local _, delayed_head = promote_due(now, count * 2 + 100)
 
 if max_inflight > 0 and lease > 0 then
   local room = max_inflight - redis.call('ZCARD', K_LEASED)
@@ -39,7 +39,7 @@ if rate > 0 then
 end
 
 local popped = redis.call('ZPOPMIN', K_READY, count)
-if #popped == 0 then return {0, next_run_at or ''} end
+if #popped == 0 then return {0, next_run_at(delayed_head)} end
 
 local ids = {}
 for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
@@ -103,6 +103,6 @@ end
 if #ids == count and redis.call('EXISTS', K_READY) == 1 then
   out[2] = '+'
 else
-  out[2] = next_run_at or ''
+  out[2] = next_run_at(delayed_head)
 end
 return out
