@@ -24,16 +24,19 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from broker import http, openapi
 from broker.auth import AccessMiddleware, auth_routes, redacted_logs
 from broker.config import Settings
+from broker.embedded import EmbeddedRedis
 from broker.errors import BrokerError, Unavailable
+from broker.fastpush import FastPush
 from broker.logs import RequestIdMiddleware
 from broker.metrics import LatencyExporter, metrics_routes
 from broker.models import dumps
 from broker.ops import ops_routes
-from broker.redis import EmbeddedRedis, check_redis, create_redis
+from broker.redis import check_redis, create_redis
 from broker.runtime import Runtime
 from broker.ws import websocket_routes
 
@@ -69,6 +72,28 @@ async def on_http_error(request: Request, exc: Exception) -> Response:
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error during %s %s", request.method, request.url.path)
     return error_response(500, {"error": "internal error"})
+
+
+class BrokerApp(Starlette):
+    """Starlette, with the push routes served first by a lean path (``broker/fastpush.py``) that
+    answers them exactly as the middlewares and routes would; every other request goes to those.
+
+    Args:
+        fast_push: the lean path; the app binds it to itself.
+        kwargs: Starlette's arguments.
+    """
+
+    def __init__(self, fast_push: FastPush, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast_push = fast_push
+        fast_push.bind(self, self.serve_routed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.fast_push(scope, receive, send)
+
+    async def serve_routed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve through the middlewares and the router, as a plain Starlette app would."""
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Path | None = None) -> Starlette:
@@ -134,9 +159,11 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
         if (web / "examples").is_dir():
             routes.append(Mount("/examples", StaticFiles(directory=web / "examples", html=True), name="examples"))
 
-    app = Starlette(
+    fast_push = FastPush(settings)
+    app = BrokerApp(
+        fast_push,
         routes=routes,
-        middleware=middleware(settings, routes),
+        middleware=middleware(settings, routes, fast_push),
         lifespan=lifespan,
         exception_handlers={
             BrokerError: on_broker_error,
@@ -162,9 +189,10 @@ CORS_RESPONSE_HEADERS = (
 )
 
 
-def middleware(settings: Settings, routes: list[BaseRoute]) -> list[Middleware]:
+def middleware(settings: Settings, routes: list[BaseRoute], fast_push: FastPush | None = None) -> list[Middleware]:
     """Request ids (outermost: every log line of a request has it), CORS (so that preflights and
-    refusals carry its headers), then access control.
+    refusals carry its headers), then access control (built by ``fast_push`` when given, so that
+    the requests it serves share the in-flight count).
 
     Without ``server.cors_origins`` no CORS header is sent: browsers allow same-origin pages only.
     """
@@ -180,5 +208,6 @@ def middleware(settings: Settings, routes: list[BaseRoute]) -> list[Middleware]:
                 max_age=600,
             )
         )
-    stack.append(Middleware(AccessMiddleware, settings=settings, routes=routes))
+    access = AccessMiddleware if fast_push is None else fast_push.access_middleware
+    stack.append(Middleware(access, settings=settings, routes=routes))
     return stack

@@ -20,6 +20,8 @@ presque:{q}:uniq          hash    uniq key -> id, while that job is pending/dela
 presque:{q}:stats         hash    counters since creation (pushed, processed, ...)
 presque:{q}:state         hash    paused flag, rate-limit bucket
 presque:{q}:done          zset    id -> completed_at, recent acks (to answer 409, not 404)
+presque:{q}:lease         hash    id -> ``token attempt lease uniq`` of each leased job (see
+                                  ``lua/_lib.lua``), so fetch and ack never rewrite the meta
 presque:{q}:workers       set     worker ids registered on the queue (``/w/``)
 presque:{q}:latency       hash    delivery latency histogram since creation: bucket index ->
                                   count, ``sum`` -> seconds (``/metrics``; see ``stats.py``)
@@ -75,6 +77,7 @@ class QueueKeys:
     stats: str
     state: str
     done: str
+    lease: str
     workers: str
     latency: str
 
@@ -92,6 +95,7 @@ class QueueKeys:
             self.stats,
             self.state,
             self.done,
+            self.lease,
         ]
 
 
@@ -110,6 +114,7 @@ def queue_keys(queue: str) -> QueueKeys:
         stats=base + "stats",
         state=base + "state",
         done=base + "done",
+        lease=base + "lease",
         workers=base + "workers",
         latency=base + "latency",
     )

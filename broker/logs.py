@@ -13,8 +13,9 @@ add the middleware to the app (``create_app`` does).
 from __future__ import annotations
 
 import logging
+import os
+import random
 import re
-import secrets
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -25,7 +26,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.config import ServerSettings
 
-__all__ = ["REQUEST_ID", "JsonFormatter", "RequestIdMiddleware", "TextFormatter", "setup_logging"]
+__all__ = [
+    "REQUEST_ID",
+    "JsonFormatter",
+    "RequestIdMiddleware",
+    "TextFormatter",
+    "accepted_id",
+    "new_id",
+    "setup_logging",
+]
 
 # A context variable is per task and per request by construction: not shared mutable state.
 REQUEST_ID: ContextVar[str | None] = ContextVar("presque_request_id", default=None)
@@ -37,9 +46,15 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id"}
 
 
+# Request ids only need to be unique, not secret: a PRNG seeded from the OS (reseeded in a forked
+# child) saves a getrandom() system call per request.
+_id_random = random.Random(os.urandom(16))
+os.register_at_fork(after_in_child=lambda: _id_random.seed(os.urandom(16)))
+
+
 def new_id(prefix: str = "") -> str:
     """A short random id (64 bits, hex)."""
-    return prefix + secrets.token_hex(8)
+    return f"{prefix}{_id_random.getrandbits(64):016x}"
 
 
 class RequestIdFilter(logging.Filter):
@@ -148,5 +163,10 @@ class RequestIdMiddleware:
 def _client_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == HEADER:
-            return value.decode("ascii") if _VALID_ID.fullmatch(value) else None
+            return accepted_id(value)
     return None
+
+
+def accepted_id(value: bytes) -> str | None:
+    """The client's ``X-Request-Id`` value if it is a sensible id (1-64 of ``A-Za-z0-9._:-``), else None."""
+    return value.decode("ascii") if _VALID_ID.fullmatch(value) else None

@@ -37,15 +37,15 @@ class Meta(enum.IntEnum):
 
     PRIORITY = 1
     SEQ = 2
-    ATTEMPT = 3  # deliveries so far; the first delivery is attempt 1
+    ATTEMPT = 3  # deliveries so far, the first is attempt 1 (a leased job's own is in its lease entry)
     FAILURES = 4  # nacks and lease expiries; compared with MAX_ATTEMPTS
     MAX_ATTEMPTS = 5
     CREATED_AT = 6
     RUN_AT = 7  # when the job became (or becomes) ready
     TTL = 8  # 0 = none; counts from RUN_AT
     UNIQ = 9  # "" = none
-    TOKEN = 10  # current lease token, "" when not leased
-    LEASE = 11  # seconds of the current lease
+    TOKEN = 10  # "": leases are in the ``lease`` hash; only one taken before it existed is here
+    LEASE = 11  # seconds of such a lease
     LAST_ERROR = 12
     FAILED_AT = 13  # when it went to the dead-letter list
 

@@ -1,8 +1,11 @@
 """Loads the Lua scripts in ``broker/lua`` and registers them once per Redis client.
 
 Each script is prefixed with ``_lib.lua`` (shared helpers: key names, the metadata layout, the
-failure/backoff logic), since Redis scripts cannot import one another. redis-py sends them with
-EVALSHA and reloads them by itself after a Redis restart (NOSCRIPT).
+failure/backoff logic), since Redis scripts cannot import one another. The hot scripts (those
+called for every job: push, fetch, ack, release, nack, touch) go through a
+:class:`~broker.pipe.ScriptPipe`, a raw pipelined connection that costs a tenth of redis-py's
+client CPU per call; the others through redis-py. Both send EVALSHA and load a script again
+after a Redis restart (NOSCRIPT).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from broker.pipe import PipedScript, ScriptPipe
+
 LUA_PACKAGE = "broker.lua"
+# Called once or more per job: worth the pipe (docs/performance.md, item 1).
+HOT = frozenset({"push", "fetch", "ack", "release", "nack", "touch"})
 
 
 @cache
@@ -45,5 +52,14 @@ class Scripts:
 
     @classmethod
     def register(cls, client: Any) -> Scripts:
-        """Register every script with ``client`` (a redis.asyncio Redis or RedisCluster)."""
-        return cls(**{f.name: client.register_script(script_source(f.name)) for f in fields(cls)})
+        """Register every script with ``client`` (a redis.asyncio Redis or RedisCluster).
+
+        The hot scripts share one :class:`~broker.pipe.ScriptPipe` on the client, unless the
+        client cannot have one (:meth:`ScriptPipe.open`): then they stay with redis-py too.
+        """
+        scripts = {f.name: client.register_script(script_source(f.name)) for f in fields(cls)}
+        pipe = ScriptPipe.open(client)
+        if pipe is not None:
+            for name in HOT:
+                scripts[name] = PipedScript(pipe, scripts[name], name)
+        return cls(**scripts)

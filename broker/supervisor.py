@@ -66,7 +66,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int = 1) -> int:
     if workers == 1:
         _run_worker(settings, None, host, port, None)
         return 0
-    from broker.redis import EmbeddedRedis
+    from broker.embedded import EmbeddedRedis
 
     embedded = EmbeddedRedis.from_settings(settings.redis) if settings.redis.embedded else None
     if embedded is not None:

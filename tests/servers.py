@@ -52,7 +52,7 @@ def redis_binary() -> str:
     configured = os.environ.get("PRESQUE_TEST_REDIS_BIN")
     if configured:
         return configured
-    from broker.redis import find_redis_server
+    from broker.embedded import find_redis_server
 
     return find_redis_server()
 

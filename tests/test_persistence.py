@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.redis import find_redis_server
+from broker.embedded import find_redis_server
 from tests.servers import BrokerServer, redis_binary
 
 pytestmark = pytest.mark.core

@@ -15,15 +15,14 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import SentinelManagedConnection
 
 from broker.config import RedisSettings, parse_settings
+from broker.embedded import EmbeddedRedis, find_redis_server
 from broker.errors import ConfigError, RedisSetupError
 from broker.redis import (
-    EmbeddedRedis,
     RedisInfo,
     SentinelRedis,
     _parse_version,
     check_redis,
     create_redis,
-    find_redis_server,
     hiredis_packing,
 )
 from tests.servers import RedisServer, redis_binary, wait_for_sync

@@ -753,11 +753,13 @@ async def test_dead_retry_all_in_chunks(
     service: QueueService, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(queue_module, "CHUNK", 2)
-    ids = await make_dead(service, 5, ttl=0.01)
+    # A ttl long enough for each job to be leased in time on a busy machine, then waited out.
+    ids = await make_dead(service, 5, ttl=0.5)
     assert await service.dead_retry(Q) == 5
     states = await check_queue(redis, Q)
     assert states["ready"] == set(ids) and states["dead"] == set()
     # ttl no longer applies to a job retried by hand.
+    await until_redis_time(redis, max([(await service.job(Q, job_id)).created_at for job_id in ids]) + 0.5)
     fetched = await service.fetch(Q, count=5)
     assert [j.id for j in fetched.jobs] == ids
 

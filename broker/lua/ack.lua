@@ -3,30 +3,32 @@
 --         max_inflight cap, so freed room may let a waiting deliverer go on)
 -- ARGV[3..] pairs: id, token
 -- Returns one status per pair: 1 acked, 0 unknown job, -1 stale token (expired, re-leased, acked)
+-- The common case reads only the lease hash: no meta is read or decoded, except to free the uniq
+-- keys of the jobs whose lease entry says they hold one.
 local now = now_seconds()
 local ids, tokens = {}, {}
 for i = 3, #ARGV, 2 do
   ids[#ids + 1] = ARGV[i]
   tokens[#tokens + 1] = ARGV[i + 1]
 end
-local metas = redis.call('HMGET', K_META, unpack(ids))
-local deadlines = redis.call('ZMSCORE', K_LEASED, unpack(ids))
-local out, done_ids, done_metas, seen, tombstones = {}, {}, {}, {}, {}
+local entries = redis.call('HMGET', K_LEASE, unpack(ids))
+local out, done_ids, uniq_ids, seen, tombstones = {}, {}, {}, {}, {}
 for i, id in ipairs(ids) do
-  local status, meta = check_lease(id, metas[i], deadlines[i], tokens[i], now, false)
+  local status, entry = check_lease(id, entries[i], tokens[i], now, false)
   if status == 1 and seen[id] then status = -1 end
   out[i] = status
   if status == 1 then
     seen[id] = true
     done_ids[#done_ids + 1] = id
-    done_metas[#done_metas + 1] = meta
+    if string.byte(entry, -1) == 49 then uniq_ids[#uniq_ids + 1] = id end -- ends in '1'
     tombstones[#tombstones + 1] = now
     tombstones[#tombstones + 1] = id
   end
 end
 if #done_ids > 0 then
   redis.call('ZREM', K_LEASED, unpack(done_ids))
-  drop_jobs(done_ids, done_metas)
+  redis.call('HDEL', K_LEASE, unpack(done_ids))
+  drop_jobs(done_ids, uniqs_of(uniq_ids))
   redis.call('HINCRBY', K_STATS, 'processed', #done_ids)
   redis.call('ZADD', K_DONE, unpack(tombstones))
   if ARGV[2] == '1' then redis.call('PUBLISH', ARGV[1], '0') end

@@ -20,4 +20,5 @@ if #gone == 0 then return 0 end
 redis.call('ZREM', K_DEAD, unpack(gone))
 redis.call('HDEL', K_BODY, unpack(gone))
 redis.call('HDEL', K_META, unpack(gone))
+redis.call('HDEL', K_LEASE, unpack(gone)) -- only ever a leftover of an old broker's reaper (_lib.lua)
 return #gone

@@ -20,7 +20,7 @@ local now = now_seconds()
 local state = redis.call('HMGET', K_STATE, 'paused', 'rate_tokens', 'rate_at')
 if state[1] == '1' then return {-1, ''} end
 
-promote_due(now, count * 2 + 100)
+local _, delayed_head = promote_due(now, count * 2 + 100)
 
 if max_inflight > 0 and lease > 0 then
   local room = max_inflight - redis.call('ZCARD', K_LEASED)
@@ -39,11 +39,7 @@ if rate > 0 then
 end
 
 local popped = redis.call('ZPOPMIN', K_READY, count)
-if #popped == 0 then
-  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if #head == 0 then return {0, ''} end
-  return {0, head[2]}
-end
+if #popped == 0 then return {0, next_run_at(delayed_head)} end
 
 local ids = {}
 for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
@@ -51,35 +47,35 @@ local metas = redis.call('HMGET', K_META, unpack(ids))
 local bodies = redis.call('HMGET', K_BODY, unpack(ids))
 
 local out = {1, ''}
-local gone_ids, gone_metas, expired_ids, expired_metas, lease_args, meta_args, unexpire = {}, {}, {}, {}, {}, {}, {}
-local deadline = now + lease
+local gone_ids, gone_uniq_ids, expired_ids, expired_uniq_ids, lease_args, entry_args, unexpire = {}, {}, {}, {}, {}, {}, {}
+-- One string for the leased set and the lease entries, so that both hold the same deadline.
+local deadline = string.format('%.17g', now + lease)
 for i, id in ipairs(ids) do
   if metas[i] and bodies[i] then
-    local meta = cjson.decode(metas[i])
-    if meta[M_EXPIRE_AT] > 0 and meta[M_EXPIRE_AT] < now then
+    -- The meta is only read (its head): the lease goes to the lease hash, not into the meta.
+    local attempt, run_at, expire_at, has_uniq = meta_head(metas[i])
+    if expire_at > 0 and expire_at < now then
       expired_ids[#expired_ids + 1] = id
-      expired_metas[#expired_metas + 1] = meta
+      if has_uniq then expired_uniq_ids[#expired_uniq_ids + 1] = id end
     else
-      meta[M_ATTEMPT] = meta[M_ATTEMPT] + 1
+      attempt = attempt + 1
       local token = ''
       if lease > 0 then
         token = ARGV[3] .. i
-        meta[M_TOKEN] = token
-        meta[M_LEASE] = lease
         lease_args[#lease_args + 1] = deadline
         lease_args[#lease_args + 1] = id
-        meta_args[#meta_args + 1] = id
-        meta_args[#meta_args + 1] = cjson.encode(meta)
+        entry_args[#entry_args + 1] = id
+        entry_args[#entry_args + 1] = lease_entry(token, deadline, attempt, ARGV[2], has_uniq)
       else
         gone_ids[#gone_ids + 1] = id
-        gone_metas[#gone_metas + 1] = meta
+        if has_uniq then gone_uniq_ids[#gone_uniq_ids + 1] = id end
       end
-      if meta[M_EXPIRE_AT] > 0 then unexpire[#unexpire + 1] = id end
+      if expire_at > 0 then unexpire[#unexpire + 1] = id end
       out[#out + 1] = id
       out[#out + 1] = token
-      out[#out + 1] = meta[M_ATTEMPT]
+      out[#out + 1] = attempt
       out[#out + 1] = bodies[i]
-      out[#out + 1] = num(now - meta[M_RUN_AT])
+      out[#out + 1] = num(now - run_at)
     end
   end
   -- A ready id without meta or body cannot happen through these scripts; it is dropped.
@@ -87,14 +83,14 @@ end
 
 if #lease_args > 0 then
   redis.call('ZADD', K_LEASED, unpack(lease_args))
-  redis.call('HSET', K_META, unpack(meta_args))
+  redis.call('HSET', K_LEASE, unpack(entry_args))
 end
 if #gone_ids > 0 then
-  drop_jobs(gone_ids, gone_metas)
+  drop_jobs(gone_ids, uniqs_of(gone_uniq_ids))
   redis.call('HINCRBY', K_STATS, 'processed', #gone_ids)
 end
 if #expired_ids > 0 then
-  drop_jobs(expired_ids, expired_metas)
+  drop_jobs(expired_ids, uniqs_of(expired_uniq_ids))
   redis.call('HINCRBY', K_STATS, 'expired', #expired_ids)
   for _, id in ipairs(expired_ids) do unexpire[#unexpire + 1] = id end
 end
@@ -103,10 +99,10 @@ if rate > 0 then
   local delivered = (#out - 2) / 5
   redis.call('HSET', K_STATE, 'rate_tokens', num(tokens - delivered), 'rate_at', num(now))
 end
-if redis.call('EXISTS', K_READY) == 1 then
+-- Fewer jobs popped than asked for: the ready set is empty, no need to ask.
+if #ids == count and redis.call('EXISTS', K_READY) == 1 then
   out[2] = '+'
 else
-  local head = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if #head > 0 then out[2] = head[2] end
+  out[2] = next_run_at(delayed_head)
 end
 return out

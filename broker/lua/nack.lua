@@ -7,10 +7,15 @@
 local now = now_seconds()
 math.randomseed(tonumber(ARGV[8]))
 local id = ARGV[2]
-local status, meta = check_lease(id, redis.call('HGET', K_META, id), redis.call('ZSCORE', K_LEASED, id), ARGV[3], now, false)
+local status, entry = check_lease(id, redis.call('HGET', K_LEASE, id), ARGV[3], now, false)
 if status ~= 1 then return {status, '', ''} end
+local meta = cjson.decode(redis.call('HGET', K_META, id))
 redis.call('ZREM', K_LEASED, id)
-local outcome = fail_job(id, meta, now, ARGV[5], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+redis.call('HDEL', K_LEASE, id)
+end_lease(meta, entry)
+local counts = {failed = 0, dead_lettered = 0, expired = 0, retried = 0}
+local outcome = fail_job(id, meta, now, ARGV[5], tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7]), counts)
+count_stats(counts)
 if outcome == 'ready' then redis.call('PUBLISH', ARGV[1], '0') end
 if outcome == 'delayed' then redis.call('PUBLISH', ARGV[1], num(meta[M_RUN_AT])) end
 return {1, outcome, num(meta[M_RUN_AT])}

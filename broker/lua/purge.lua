@@ -10,11 +10,10 @@ if #ids == 0 then
   from = K_DELAYED
 end
 if #ids == 0 then return 0 end
-local metas = {}
-for _, m in ipairs(redis.call('HMGET', K_META, unpack(ids))) do
-  if m then metas[#metas + 1] = cjson.decode(m) end
-end
+local uniqs = uniqs_of(ids)
 redis.call('ZREM', from, unpack(ids))
 redis.call('ZREM', K_EXPIRY, unpack(ids))
-drop_jobs(ids, metas)
+drop_jobs(ids, uniqs)
+-- A waiting job has no lease entry, unless an old broker's reaper left one behind (_lib.lua).
+redis.call('HDEL', K_LEASE, unpack(ids))
 return #ids

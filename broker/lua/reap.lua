@@ -11,16 +11,20 @@ math.randomseed(tonumber(ARGV[5]))
 local wake = false
 local more = 0
 
+local counts = {failed = 0, dead_lettered = 0, expired = 0, retried = 0}
+
 local lapsed = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, limit)
-local dead = 0
 if #lapsed > 0 then
   if #lapsed == limit then more = 1 end
   local metas = redis.call('HMGET', K_META, unpack(lapsed))
+  local entries = redis.call('HMGET', K_LEASE, unpack(lapsed))
   redis.call('ZREM', K_LEASED, unpack(lapsed))
+  redis.call('HDEL', K_LEASE, unpack(lapsed))
   for i, id in ipairs(lapsed) do
     if metas[i] then
-      local outcome = fail_job(id, cjson.decode(metas[i]), now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]))
-      if outcome == 'dead' then dead = dead + 1 end
+      local meta = cjson.decode(metas[i])
+      end_lease(meta, entries[i] or nil)
+      local outcome = fail_job(id, meta, now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]), counts)
       if outcome == 'ready' then wake = true end
     end
   end
@@ -46,11 +50,12 @@ if #stale > 0 then
   if #expired_ids > 0 then
     redis.call('ZREM', K_READY, unpack(expired_ids))
     redis.call('ZREM', K_DELAYED, unpack(expired_ids))
-    drop_jobs(expired_ids, expired_metas)
-    redis.call('HINCRBY', K_STATS, 'expired', #expired_ids)
+    drop_jobs(expired_ids, uniqs_of_metas(expired_metas))
+    counts.expired = counts.expired + #expired_ids
   end
 end
 
 redis.call('ZREMRANGEBYSCORE', K_DONE, '-inf', now - tonumber(ARGV[6]))
+count_stats(counts)
 if wake then redis.call('PUBLISH', ARGV[1], '0') end
-return {#lapsed, dead, promoted, #expired_ids, more}
+return {#lapsed, counts.dead_lettered, promoted, #expired_ids, more}

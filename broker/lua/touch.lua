@@ -4,9 +4,14 @@
 -- Returns {status, deadline}: status 1 ok / 0 unknown / -1 stale
 local now = now_seconds()
 local id = ARGV[1]
-local status, meta = check_lease(id, redis.call('HGET', K_META, id), redis.call('ZSCORE', K_LEASED, id), ARGV[2], now, false)
+local stored = redis.call('HGET', K_LEASE, id)
+local status, entry = check_lease(id, stored, ARGV[2], now, false)
 if status ~= 1 then return {status, ''} end
+local token, _, attempt, taken_for, has_uniq = parse_lease(entry)
 local lease = tonumber(ARGV[3])
-if lease <= 0 then lease = meta[M_LEASE] end
-redis.call('ZADD', K_LEASED, 'XX', now + lease, id)
+if lease <= 0 then lease = taken_for end
+local deadline = string.format('%.17g', now + lease)
+redis.call('ZADD', K_LEASED, 'XX', deadline, id)
+-- (A lease from before the lease hash keeps its token in its meta, and gets no entry.)
+if stored then redis.call('HSET', K_LEASE, id, lease_entry(token, deadline, attempt, taken_for, has_uniq)) end
 return {1, num(now + lease)}
