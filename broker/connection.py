@@ -179,8 +179,7 @@ class Connection:
 
     async def _execute(self, cmd: Command) -> None:
         match cmd:
-            case Ack() | Nack():
-                self.hub.credit_returned(cmd.queue)
+            case Ack() | Nack():  # the credit it returned went to the feed already (Session.on_credit)
                 await self._spawn(cmd, lambda: self._settle(cmd))
             case Push() | PushBatch() | Touch() | Progress() | Publish():
                 await self._spawn(cmd, lambda: self._run_command(cmd))
