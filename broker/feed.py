@@ -61,6 +61,9 @@ class QueueFeed:
         self.queue = queue
         self.connections: dict[Connection, Group] = {}  # every subscriber, in subscription order
         self._groups: dict[Group, CreditRing[Connection]] = {}
+        # Subscribers whose credit may have grown since their last look: looked at before the next
+        # fetch, once each however many acks they sent meanwhile.
+        self._reported: set[Connection] = set()
         self._sweep: list[Connection] = []  # the subscribers of the resync under way, by position
         self._swept = 0
         self._due = 0.0  # looks owed, with the fraction carried over
@@ -118,17 +121,29 @@ class QueueFeed:
         group = self.connections.pop(conn, None)
         if group is None:
             return
+        self._reported.discard(conn)
         ring = self._groups[group]
         ring.remove(conn)
         if not ring.members:
             del self._groups[group]
 
     def credit_returned(self, conn: Connection) -> None:
-        """``conn`` acked, nacked or drained its socket: count its credit again and look at the
-        queue again, unless it is known empty."""
-        group = self.connections.get(conn)
-        if group is not None and self._groups[group].look(conn) > 0 and not self._drained:
-            self._wake.set()
+        """``conn`` acked, nacked or drained its socket: count its credit again before the next
+        fetch, and look at the queue again unless it is known empty."""
+        if conn in self.connections:
+            self._reported.add(conn)
+            if not self._drained:
+                self._wake.set()
+
+    def credit(self) -> dict[Group, int]:
+        """The credit of each group of subscribers, as the next fetch will count it."""
+        self._look_at_reported()
+        return {group: ring.total for group, ring in self._groups.items()}
+
+    def _look_at_reported(self) -> None:
+        reported, self._reported = self._reported, set()
+        for conn in reported:
+            self._groups[self.connections[conn]].look(conn)
 
     def _on_wake(self, payload: bytes | None) -> None:
         # Payload "0": ready work; a number: a delayed job that will be ready at that time.
@@ -213,6 +228,7 @@ class QueueFeed:
 
     async def _deliver_once(self) -> tuple[bool, float]:
         """One fetch per group with credit. Returns (delivered anything, how long to wait)."""
+        self._look_at_reported()
         self._resync()
         rings = self._wanted()
         if not rings:
@@ -255,10 +271,11 @@ class QueueFeed:
         leftovers: list[Lease] = []
         orphans: list[bytes] = []
         events: list[tuple[str, str, bytes | None]] = []
+        dealt: set[Connection] = set()
         for job in jobs:
             self.latency.record(job.latency)
             self._frame_size += (len(job.body) + FRAME_OVERHEAD - self._frame_size) // 8
-            taken = ring is not None and self._give(ring, job)
+            taken = ring is not None and self._give(ring, job, dealt)
             if not taken and not job.token and ring is not None:
                 # Taken destructively: better a little over a subscriber's send buffer (the frame
                 # estimate was off) than pushing the job again under a new id.
@@ -269,6 +286,9 @@ class QueueFeed:
                 leftovers.append(Lease(self.queue, job.id, job.token))
             else:
                 orphans.append(job.body)
+        if ring is not None:
+            for conn in dealt:  # what they have left, once each
+                ring.look(conn)
         if leftovers:
             self.hub.release_soon(self.queue, leftovers)
         if orphans:
@@ -278,12 +298,16 @@ class QueueFeed:
         if events:
             self.hub.emit_events(self.queue, events)
 
-    def _give(self, ring: CreditRing[Connection], job: Delivery) -> bool:
-        """Deliver ``job`` to the next connection in turn that takes it; False if none did."""
+    def _give(self, ring: CreditRing[Connection], job: Delivery, dealt: set[Connection]) -> bool:
+        """Deliver ``job`` to the next connection in turn that takes it; False if none did.
+
+        The ring counts what the connections dealt to have left only after the deal (``dealt``):
+        meanwhile one that ran out of credit is dropped when its turn comes back.
+        """
         # Each failed turn drops a connection from the ring: the loop ends.
         while (conn := ring.take()) is not None:
             if conn.session.credit(self.queue) > 0 and conn.deliver(job):
-                ring.look(conn)
+                dealt.add(conn)
                 return True
             ring.drop(conn)
         return False
