@@ -59,6 +59,11 @@ class CreditRing(Generic[M]):
         """The subscriber left (unsubscribed or disconnected)."""
         self.members.pop(member, None)
         self.drop(member)
+        if len(self._order) > 2 * len(self.members) + 16:
+            # Subscribers come and go with no job to deal: forget the departed ones, rather than
+            # hold them until a turn passes over them.
+            self._order = deque(m for m in self._order if m in self.members)
+            self._queued = set(self._order)
 
     def look(self, member: M) -> int:
         """Take a member's room as it is now; it joins the ring's back if it has some and was out.

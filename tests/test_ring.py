@@ -60,6 +60,19 @@ def test_an_empty_ring_has_no_turn_and_a_non_member_no_credit() -> None:
     assert not ring.members and ring.take() is None
 
 
+def test_members_that_come_and_go_without_a_turn_are_not_held() -> None:
+    room = {"stays": 1}
+    ring = ring_over(room)
+    ring.add("stays")
+    for i in range(1000):
+        room[f"m{i}"] = 1
+        ring.add(f"m{i}")
+        ring.remove(f"m{i}")
+    assert len(ring._order) <= 2 * len(ring.members) + 16
+    check(ring, room)
+    assert [ring.take(), ring.take()] == ["stays", "stays"]
+
+
 def test_the_total_stays_the_sum_of_credits_through_any_sequence() -> None:
     rng = random.Random(6)
     room: dict[str, int] = {}
