@@ -108,11 +108,8 @@ class DeliveryHub:
         """Forget ``conn`` everywhere (its held jobs are the connection's to release)."""
         self.connections.discard(conn)
         conn.session.on_credit = None
-        # Every feed, not only those of its subscriptions: a shutdown may have closed the session
-        # (and forgotten them) first.
-        for queue, feed in list(self.feeds.items()):
-            if conn in feed.connections:
-                self.unsubscribed(conn, queue)
+        for queue in list(conn.session.subscriptions):
+            self.unsubscribed(conn, queue)
         for channel in list(self._channels):
             self.unlisten(conn, channel)
         for name in list(self._event_watchers):
