@@ -223,15 +223,13 @@ class Connection:
             case Push() if not self._tasks:
                 await self._reserve()
                 self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
+            # An ack's or nack's credit reached the feed when the session read it (Session.on_credit).
             case Ack() if not self._tasks:
-                self.hub.credit_returned(cmd.queue)
                 await self._reserve()
                 self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
             case Ack():
-                self.hub.credit_returned(cmd.queue)
                 await self._spawn(cmd, lambda: self._ack(cmd))
             case Nack():
-                self.hub.credit_returned(cmd.queue)
                 await self._spawn(cmd, lambda: self._settle(cmd))
             case Push() | PushBatch() | Touch() | Progress() | Publish():
                 await self._spawn(cmd, lambda: self._run_command(cmd))

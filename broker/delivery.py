@@ -100,10 +100,14 @@ class DeliveryHub:
 
     def connected(self, conn: Connection) -> None:
         self.connections.add(conn)
+        # Credit that comes back as the session lets go of a job (ack, nack, a touch refused as
+        # stale) goes straight to the queue's feed, which keeps the count of who has credit.
+        conn.session.on_credit = lambda queue: self.credit_returned(conn, queue)
 
     def disconnected(self, conn: Connection) -> None:
         """Forget ``conn`` everywhere (its held jobs are the connection's to release)."""
         self.connections.discard(conn)
+        conn.session.on_credit = None
         for queue in list(conn.session.subscriptions):
             self.unsubscribed(conn, queue)
         for channel in list(self._channels):
@@ -119,30 +123,30 @@ class DeliveryHub:
         feed = self.feeds.get(queue)
         if feed is None or not feed.running:
             feed = self.feeds[queue] = QueueFeed(self, queue)
-            feed.connections.append(conn)
+            feed.add(conn)
             feed.start()
         else:
-            feed.connections.append(conn)
-            feed.wake()
+            feed.add(conn)
 
     def unsubscribed(self, conn: Connection, queue: str) -> None:
         feed = self.feeds.get(queue)
         if feed is None:
             return
-        with contextlib.suppress(ValueError):
-            feed.connections.remove(conn)
+        feed.remove(conn)
         if not feed.connections:
             feed.wake()  # its loop ends on its own
             del self.feeds[queue]
 
-    def credit_returned(self, queue: str) -> None:
+    def credit_returned(self, conn: Connection, queue: str) -> None:
+        """``conn`` may have more credit on ``queue`` than its feed last counted."""
         feed = self.feeds.get(queue)
         if feed is not None:
-            feed.credit_returned()
+            feed.credit_returned(conn)
 
     def all_credit_returned(self, conn: Connection) -> None:
+        """``conn``'s send buffer drained below the threshold: its subscriptions have credit again."""
         for queue in conn.session.subscriptions:
-            self.credit_returned(queue)
+            self.credit_returned(conn, queue)
 
     # -- broadcast channels ---------------------------------------------------------------------------
 

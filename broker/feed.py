@@ -1,11 +1,14 @@
 """QueueFeed: pushes one queue's jobs to this process's WebSocket consumers the moment they exist.
 
-A feed asks every subscribed connection how much credit it has, takes that many jobs from Redis
-in one script call (leased for manual ack, destructively for auto ack), and deals them out
-round-robin. When the queue is empty it waits — on the queue's pub/sub wake-up channel, on credit
-coming back (acks, drained sockets), or on a timer for the next delayed job — never in a polling
-loop. Each process takes only what its own consumers can hold, so several processes share a queue
-without a coordinator, and Redis's atomic fetch script guarantees no job goes to two of them.
+A feed knows, per group of subscriptions one fetch can serve, which connections have credit and
+how much in all (a :class:`~broker.ring.CreditRing`, kept up to date as credit is spent and comes
+back), takes that many jobs from Redis in one script call (leased for manual ack, destructively for
+auto ack), and deals them out round-robin: a wake-up costs time in proportion to the jobs it
+moves, not to the connections subscribed. When the queue is empty it waits — on the queue's
+pub/sub wake-up channel, on credit coming back (acks, drained sockets), or on a timer for the next
+delayed job — never in a polling loop. Each process takes only what its own consumers can hold, so
+several processes share a queue without a coordinator, and Redis's atomic fetch script guarantees
+no job goes to two of them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from redis.exceptions import RedisError
 from broker import keys
 from broker.frames import AckMode, Lease
 from broker.models import Delivery, PushOptions, dumps
+from broker.ring import CreditRing
 from broker.stats import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -34,6 +38,11 @@ SAFETY_WAKE = 5.0  # an idle feed looks again this often even if no wake-up arri
 RETRY_PAUSE = 0.5  # after a Redis error, before trying again
 LIMIT_WAIT = 0.25  # max_inflight reached and no wake-up: look again after this
 CLOSE_TIMEOUT = 5.0  # close(): how long the fetch in progress may take before the feed is cancelled
+# Every subscriber's credit is looked at again, a few at each pass, over this long: in case a change
+# went unreported (every one that raises credit is reported today: this bounds what a missed
+# report would cost, without a pause to walk 10,000 connections at once).
+RESYNC_EVERY = 10.0
+SWEEP_MAX = 1000  # subscribers looked at in one pass: after a quiet spell the sweep catches up slowly
 FRAME_OVERHEAD = 160  # bytes of a job frame besides its body (op, queue, id, token, attempt)
 
 Group = tuple[bool, float]  # (manual ack, lease seconds): subscriptions one fetch can serve
@@ -50,7 +59,15 @@ class QueueFeed:
     def __init__(self, hub: DeliveryHub, queue: str) -> None:
         self.hub = hub
         self.queue = queue
-        self.connections: list[Connection] = []
+        self.connections: dict[Connection, Group] = {}  # every subscriber, in subscription order
+        self._groups: dict[Group, CreditRing[Connection]] = {}
+        # Subscribers whose credit may have grown since their last look: looked at before the next
+        # fetch, once each however many acks they sent meanwhile.
+        self._reported: set[Connection] = set()
+        self._sweep: list[Connection] = []  # the subscribers of the resync under way, by position
+        self._swept = 0
+        self._due = 0.0  # looks owed, with the fraction carried over
+        self._swept_at = time.monotonic()
         self.latency = LatencyHistogram()
         self._wake = asyncio.Event()
         # The last look found the queue empty (or paused) and no wake-up came since: credit coming
@@ -58,7 +75,7 @@ class QueueFeed:
         self._drained = False
         self._closing = False
         self._next_run_at: float | None = None
-        self._rotation = 0
+        self._turn = 0  # which group fetches first
         self._frame_size = FRAME_OVERHEAD  # running estimate of a job frame's size, in bytes
         self._task: asyncio.Task[None] | None = None
 
@@ -87,10 +104,46 @@ class QueueFeed:
         self._drained = False
         self._wake.set()
 
-    def credit_returned(self) -> None:
-        """A consumer acked, nacked or drained its socket: look again unless the queue is known empty."""
-        if not self._drained:
-            self._wake.set()
+    def add(self, conn: Connection) -> None:
+        """``conn``'s subscription to the queue is confirmed: deal to it from now on."""
+        group = self._group(conn)
+        if group is None or conn in self.connections:
+            return
+        self.connections[conn] = group
+        ring = self._groups.get(group)
+        if ring is None:
+            ring = self._groups[group] = CreditRing(self._room)
+        ring.add(conn)
+        self.wake()
+
+    def remove(self, conn: Connection) -> None:
+        """``conn`` unsubscribed or went away (the jobs it held are its connection's to release)."""
+        group = self.connections.pop(conn, None)
+        if group is None:
+            return
+        self._reported.discard(conn)
+        ring = self._groups[group]
+        ring.remove(conn)
+        if not ring.members:
+            del self._groups[group]
+
+    def credit_returned(self, conn: Connection) -> None:
+        """``conn`` acked, nacked or drained its socket: count its credit again before the next
+        fetch, and look at the queue again unless it is known empty."""
+        if conn in self.connections:
+            self._reported.add(conn)
+            if not self._drained:
+                self._wake.set()
+
+    def credit(self) -> dict[Group, int]:
+        """The credit of each group of subscribers, as the next fetch will count it."""
+        self._look_at_reported()
+        return {group: ring.total for group, ring in self._groups.items()}
+
+    def _look_at_reported(self) -> None:
+        reported, self._reported = self._reported, set()
+        for conn in reported:
+            self._groups[self.connections[conn]].look(conn)
 
     def _on_wake(self, payload: bytes | None) -> None:
         # Payload "0": ready work; a number: a delayed job that will be ready at that time.
@@ -124,18 +177,33 @@ class QueueFeed:
         finally:
             await self.hub.runtime.notifier.unsubscribe(channel, self._on_wake)
 
-    def _wanted(self) -> dict[Group, int]:
-        """Credit per group, the groups in the order of the round-robin: each fetch takes the
-        queue's head, so the group fetched first must not always be the same (say, the one of
-        the oldest connection), or that group's consumers alone would get the retried jobs."""
-        wanted: dict[Group, int] = {}
-        start = self._rotation % len(self.connections) if self.connections else 0
-        for conn in self.connections[start:] + self.connections[:start]:
-            group = self._group(conn)
-            credit = self._room(conn)
-            if group is not None and credit > 0:
-                wanted[group] = wanted.get(group, 0) + credit
-        return wanted
+    def _wanted(self) -> list[tuple[Group, CreditRing[Connection]]]:
+        """The groups with credit, in turn: each fetch takes the queue's head, so the group fetched
+        first must not always be the same (say, the one of the oldest connection), or that group's
+        consumers alone would get the retried jobs."""
+        rings = [(group, ring) for group, ring in self._groups.items() if ring.total > 0]
+        if len(rings) > 1:
+            start = self._turn % len(rings)
+            self._turn += 1
+            rings = rings[start:] + rings[:start]
+        return rings
+
+    def _resync(self) -> None:
+        """Look again at the share of the subscribers the time since the last pass makes due."""
+        now = time.monotonic()
+        if self._swept >= len(self._sweep):
+            self._sweep, self._swept = list(self.connections), 0
+        self._due = min(self._due + len(self._sweep) * (now - self._swept_at) / RESYNC_EVERY, len(self._sweep))
+        self._swept_at = now
+        due = min(int(self._due), SWEEP_MAX)
+        self._due -= due
+        for conn in self._sweep[self._swept : self._swept + due]:
+            group = self.connections.get(conn)
+            if group is not None:
+                self._groups[group].look(conn)
+        self._swept += due
+        if self._swept >= len(self._sweep):
+            self._sweep = []  # a departed connection is held by the sweep for one resync at most
 
     def _room(self, conn: Connection) -> int:
         """The connection's credit, capped by how many job frames its send buffer still holds.
@@ -160,13 +228,17 @@ class QueueFeed:
 
     async def _deliver_once(self) -> tuple[bool, float]:
         """One fetch per group with credit. Returns (delivered anything, how long to wait)."""
-        wanted = self._wanted()
-        if not wanted:
+        self._look_at_reported()
+        self._resync()
+        rings = self._wanted()
+        if not rings:
             return False, SAFETY_WAKE
         delivered = False
         wait = SAFETY_WAKE
-        for group, count in wanted.items():
-            result = await self.hub.runtime.queues.fetch(self.queue, count=min(count, MAX_FETCH), lease=group[1])
+        for group, ring in rings:
+            if ring.total <= 0:  # spent, or its subscribers gone, during an earlier group's fetch
+                continue
+            result = await self.hub.runtime.queues.fetch(self.queue, count=min(ring.total, MAX_FETCH), lease=group[1])
             if result.jobs:
                 self._deal(result.jobs, group)
                 if result.more:
@@ -195,30 +267,28 @@ class QueueFeed:
     def _deal(self, jobs: list[Delivery], group: Group) -> None:
         """Hand jobs out round-robin to the group's connections with credit; give back what none took."""
         self._drained = False
-        conns = [c for c in self.connections if self._group(c) == group]
+        ring = self._groups.get(group)
         leftovers: list[Lease] = []
         orphans: list[bytes] = []
         events: list[tuple[str, str, bytes | None]] = []
+        dealt: set[Connection] = set()
         for job in jobs:
             self.latency.record(job.latency)
             self._frame_size += (len(job.body) + FRAME_OVERHEAD - self._frame_size) // 8
-            taken = False
-            for _ in range(len(conns)):
-                conn = conns[self._rotation % len(conns)]
-                self._rotation += 1
-                if conn.session.credit(self.queue) > 0 and conn.deliver(job):
-                    taken = True
-                    break
-            if not taken and not job.token:
+            taken = ring is not None and self._give(ring, job, dealt)
+            if not taken and not job.token and ring is not None:
                 # Taken destructively: better a little over a subscriber's send buffer (the frame
                 # estimate was off) than pushing the job again under a new id.
-                taken = any(conn.deliver(job) for conn in conns)
+                taken = any(conn.deliver(job) for conn in ring.members)
             if taken:
                 events.append((job.id, "delivered", dumps({"attempt": job.attempt})))
             elif job.token:
                 leftovers.append(Lease(self.queue, job.id, job.token))
             else:
                 orphans.append(job.body)
+        if ring is not None:
+            for conn in dealt:  # what they have left, once each
+                ring.look(conn)
         if leftovers:
             self.hub.release_soon(self.queue, leftovers)
         if orphans:
@@ -227,3 +297,17 @@ class QueueFeed:
             self.hub.spawn(self.hub.runtime.queues.push_many(self.queue, [(b, PushOptions()) for b in orphans]))
         if events:
             self.hub.emit_events(self.queue, events)
+
+    def _give(self, ring: CreditRing[Connection], job: Delivery, dealt: set[Connection]) -> bool:
+        """Deliver ``job`` to the next connection in turn that takes it; False if none did.
+
+        The ring counts what the connections dealt to have left only after the deal (``dealt``):
+        meanwhile one that ran out of credit is dropped when its turn comes back.
+        """
+        # Each failed turn drops a connection from the ring: the loop ends.
+        while (conn := ring.take()) is not None:
+            if conn.session.credit(self.queue) > 0 and conn.deliver(job):
+                dealt.add(conn)
+                return True
+            ring.drop(conn)
+        return False

@@ -11,7 +11,8 @@ Redis, no clock. The I/O layer (``broker/delivery.py``) drives it:
    :meth:`Session.command_raised`; :meth:`Session.authenticated` for :class:`Auth`);
 3. it feeds jobs and broadcasts in with :meth:`Session.deliver`, :meth:`Session.message`,
    :meth:`Session.stats`, :meth:`Session.event`, asking :meth:`Session.credit` how many jobs each
-   subscription may take and reporting its socket backlog with :meth:`Session.set_send_backlog`;
+   subscription may take (:attr:`Session.on_credit` tells when a job it held let go) and reporting
+   its socket backlog with :meth:`Session.set_send_backlog`;
 4. after each of these calls it sends :meth:`Session.data_to_send` and, once
    :attr:`Session.close_code` is set, closes the socket with that code;
 5. when the socket is gone it calls :meth:`Session.close` and returns the jobs it lists.
@@ -114,6 +115,9 @@ class Session:
         self.close_code: CloseCode | None = None
         self.close_reason = ""
         self.dropped = 0  # ephemeral frames (message/stats/event) dropped under back-pressure
+        # Called with the queue whenever a job leaves the in-flight set other than by closing or
+        # unsubscribing (ack, nack, a touch refused as stale...), i.e. that queue's credit grew.
+        self.on_credit: Callable[[str], None] | None = None
         self._authorize = authorize
         self._authenticated = not auth_required
         self._subs: dict[str, Subscription] = {}
@@ -274,6 +278,8 @@ class Session:
     def _forget(self, job_id: str) -> None:
         queue = self._owner.pop(job_id)
         del self._subs[queue].in_flight[job_id]
+        if self.on_credit is not None:
+            self.on_credit(queue)
 
     def _protocol_error(self, exc: FrameError, ref: str | None) -> None:
         self._send(error_frame(exc.code, exc.message, ref))

@@ -7,25 +7,19 @@ Real uvicorn in the test's loop (``run_broker``), real redis-server, the ``webso
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import redis.asyncio as aioredis
-from websockets.client import ClientProtocol
-from websockets.http11 import Response
-from websockets.uri import parse_uri
 
 from broker import keys
 from broker.models import PushOptions
 from tests.invariants import check_queue
 from tests.servers import RunningBroker, make_settings, run_broker, wait_for
-from tests.wsclient import WsClient, ws_connect
+from tests.wsclient import WsClient, slow_reader, ws_connect
 
 pytestmark = pytest.mark.core
 
@@ -275,34 +269,6 @@ async def test_many_pushes_in_flight_on_one_connection(broker: RunningBroker, re
     assert await redis.zcard(keys.queue_keys("q").ready) == 302
 
 
-@contextlib.asynccontextmanager
-async def unread_subscriber(ws_url: str, frame: dict[str, Any]) -> AsyncIterator[None]:
-    """A WebSocket client that sends ``frame`` after the handshake and then never reads its socket.
-
-    Its receive buffer is tiny and its reader stops at 16 KiB, so what the broker sends piles up
-    in the kernel's buffers and then in the broker, as with a client on a slow network.
-    """
-    host, port = ws_url.removeprefix("ws://").split("/", 1)[0].split(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
-    protocol = ClientProtocol(parse_uri(ws_url))
-    protocol.send_request(protocol.connect())
-    writer.write(b"".join(protocol.data_to_send()))
-    while not any(isinstance(e, Response) for e in protocol.events_received()):
-        protocol.receive_data(await asyncio.wait_for(reader.read(4096), 5))
-    protocol.send_text(orjson.dumps(frame))
-    writer.write(b"".join(protocol.data_to_send()))
-    try:
-        yield
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 # The broker's own protocol writes a batch of frames at once; under another, frame by frame.
 @pytest.mark.parametrize("ws", [None, "websockets-sansio"], ids=["batched", "frame-by-frame"])
 async def test_a_slow_reader_stops_receiving_and_others_go_on(redis_url: str, ws: str | None) -> None:
@@ -313,7 +279,7 @@ async def test_a_slow_reader_stops_receiving_and_others_go_on(redis_url: str, ws
         total = 600  # 12 MB: more than the kernel buffers between broker and client hold
         for _ in range(0, total, 100):
             await runtime.queues.push_many("q", [(body, PushOptions())] * 100)
-        async with unread_subscriber(broker.ws_url, {"op": "subscribe", "queue": "q", "ack": "auto", "prefetch": 20}):
+        async with slow_reader(broker.ws_url, {"op": "subscribe", "queue": "q", "ack": "auto", "prefetch": 20}):
             async with httpx.AsyncClient(base_url=broker.url) as http:
                 ready = await _settled(http, "q")
                 assert ready > 0  # it stopped taking jobs for the reader that reads nothing

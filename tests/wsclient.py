@@ -9,13 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 Frame = dict[str, Any]
 Match = str | Callable[[Frame], bool]
@@ -113,3 +119,49 @@ async def ws_connect(url: str, **kwargs: Any) -> AsyncIterator[WsClient]:
     kwargs.setdefault("close_timeout", 2)
     async with connect(url, **kwargs) as conn:
         yield WsClient(conn)
+
+
+@contextlib.asynccontextmanager
+async def slow_reader(ws_url: str, first: Frame) -> AsyncIterator[SlowReader]:
+    """A WebSocket client that sends ``first`` after the handshake and reads nothing until asked.
+
+    Its receive buffer is tiny and its reader stops at 16 KiB, so what the broker sends piles up
+    in the kernel's buffers and then in the broker, as with a client on a slow network.
+    """
+    host, port = ws_url.removeprefix("ws://").split("/", 1)[0].split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
+    protocol = ClientProtocol(parse_uri(ws_url), max_size=None)
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    while not any(isinstance(e, Response) for e in protocol.events_received()):
+        protocol.receive_data(await asyncio.wait_for(reader.read(4096), 5))
+    protocol.send_text(orjson.dumps(first))
+    writer.write(b"".join(protocol.data_to_send()))
+    try:
+        yield SlowReader(reader, protocol)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+class SlowReader:
+    """The client :func:`slow_reader` yields."""
+
+    def __init__(self, reader: asyncio.StreamReader, protocol: ClientProtocol) -> None:
+        self.reader = reader
+        self.protocol = protocol
+        self.frames: list[Frame] = []
+
+    async def read_until(self, done: Callable[[list[Frame]], bool], timeout: float = 10.0) -> None:
+        """Read and parse frames until ``done(self.frames)``."""
+        async with asyncio.timeout(timeout):
+            while not done(self.frames):
+                self.protocol.receive_data(await self.reader.read(1 << 20))
+                for event in self.protocol.events_received():
+                    if isinstance(event, WsFrame) and event.opcode is Opcode.TEXT:
+                        self.frames.append(orjson.loads(event.data))
