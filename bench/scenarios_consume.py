@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from bench.context import BODY, Bench
-from bench.harness import Group, Measurement
+from bench.harness import CTX, Group, Measurement
 from bench.report import Row, Target
 
 E2E_PREFETCH = 100
 E2E_WINDOW = 500  # unconfirmed pushes per producer connection
+# Confirmed pushes not yet acked beyond which the producers wait: enough that consumers never find
+# the queue empty, bounded so that what is measured is a rate the broker sustains (pushed = acked).
+E2E_BACKLOG = 4_000
 PREFILL_RATE = 30_000  # jobs/s the pre-filled queue must last for
 
 
@@ -38,22 +41,33 @@ def consume(b: Bench, prefetch: int, consumers: int) -> Row:
 
 
 def end_to_end_run(b: Bench, key: str) -> Measurement:
-    """Producers and consumers at once: 2 pushing WebSockets (one process), 2 x 2 consumers.
+    """Producers and consumers at once: 2 pushing WebSockets (one process), 2 x 2 consumers, in a
+    closed loop: producers wait while more than ``E2E_BACKLOG`` pushed jobs are not acked yet.
 
     With several brokers, producer connections and consumer processes are spread over them, so
     the client side is the same whatever the number of brokers.
     """
     queue = key.replace("_", "-")
     addresses = [list(broker.address) for broker in b.brokers]
+    acked = CTX.Value("q", 0)  # the consumers' acks, which hold the producers back (closed loop)
     group = Group().add(
         "ws_push",
         addresses=[addresses[i % len(addresses)] for i in range(2)],
         queue=queue,
         window=E2E_WINDOW,
         body=BODY,
+        acked=acked,
+        backlog=E2E_BACKLOG,
     )
     for i in range(2):
-        group.add("ws_consume", address=addresses[i % len(addresses)], queue=queue, prefetch=E2E_PREFETCH, consumers=2)
+        group.add(
+            "ws_consume",
+            address=addresses[i % len(addresses)],
+            queue=queue,
+            prefetch=E2E_PREFETCH,
+            consumers=2,
+            acked=acked,
+        )
     m = b.run(key, group, [queue])
     b.purge(queue)
     return m
