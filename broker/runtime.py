@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from broker import keys
 from broker.batching import Coalescer
 from broker.config import Settings
-from broker.delivery import DeliveryHub
+from broker.delivery import DeliveryHub, EventItem
 from broker.errors import JobExists, NoJob, QueueClosed
 from broker.models import Delivery, PushOptions, dumps, new_job_id
 from broker.notify import Notifier
@@ -92,21 +92,14 @@ class Runtime:
 
     async def push(self, queue: str, body: bytes, opts: PushOptions, *, count_failure: bool = False) -> str:
         """Push one job; concurrent pushes to a queue share one Redis call. Raises JobExists."""
-        job_id = await self.pusher.submit(f"{int(count_failure)}{queue}", (body, opts, count_failure))
-        self.delivery.emit_events(queue, [(job_id, "pushed", None)])
+        job_id: str = await self.pusher.submit(f"{int(count_failure)}{queue}", (body, opts, count_failure))
         return job_id
 
     def push_soon(
         self, queue: str, body: bytes, opts: PushOptions, done: Callable[[str | BaseException], None]
     ) -> None:
         """:meth:`push` without a task to await it: ``done(job_id or exception)`` is called later."""
-
-        def pushed(result: str | BaseException) -> None:
-            if not isinstance(result, BaseException):
-                self.delivery.emit_events(queue, [(result, "pushed", None)])
-            done(result)
-
-        self.pusher.submit_soon(f"0{queue}", (body, opts, False), pushed)
+        self.pusher.submit_soon(f"0{queue}", (body, opts, False), done)
 
     async def push_batch(self, queue: str, bodies: Sequence[bytes], opts: PushOptions) -> list[str]:
         """Push a batch atomically and in order with the queue's other pushes; returns the ids."""
@@ -116,15 +109,20 @@ class Runtime:
             if isinstance(result, BaseException):
                 raise result
             ids.append(result)
-        self.delivery.emit_events(queue, [(job_id, "pushed", None) for job_id in ids])
         return ids
 
     async def _flush_pushes(self, key: str, items: Sequence[PushItem]) -> list[str | BaseException]:
         queue, count_failure = key[1:], key[0] == "1"
-        results = await self.queues.push_many(
-            queue, [(body, opts) for body, opts, _ in items], count_failure=count_failure
+        results: list[str | BaseException] = list(
+            await self.queues.push_many(queue, [(body, opts) for body, opts, _ in items], count_failure=count_failure)
         )
-        return list(results)
+        # Emitted here, in the step that reads the reply, and not by each caller once its future
+        # has woken it: a fetch whose reply came in the same read (the script pipe carries many
+        # calls at once) could otherwise deal the job, and emit "delivered", first.
+        pushed: list[EventItem] = [(job_id, "pushed", None) for job_id in results if isinstance(job_id, str)]
+        if pushed:
+            self.delivery.emit_events(queue, pushed)
+        return results
 
     async def ack(self, queue: str, job_id: str, token: str) -> None:
         """Acknowledge one job; concurrent acks on a queue share one Redis call."""
