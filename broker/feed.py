@@ -172,8 +172,11 @@ class QueueFeed:
                     delivered, wait = False, RETRY_PAUSE
                 if delivered:
                     continue
+                # asyncio.timeout, not wait_for: wait_for (3.11) wraps the wait in a task of its
+                # own, one more turn of the loop between a wake-up and the fetch.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
         finally:
             await self.hub.runtime.notifier.unsubscribe(channel, self._on_wake)
 
