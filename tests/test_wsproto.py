@@ -10,7 +10,15 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import connect
 
-from broker.wsproto import EXTENSION, SEND_FRAMES, BatchingWebSocketProtocol, Flag, Inbox
+from broker.wsproto import (
+    EXTENSION,
+    RECEIVE_BATCHED,
+    RECEIVE_FRAMES,
+    SEND_FRAMES,
+    BatchingWebSocketProtocol,
+    Flag,
+    Inbox,
+)
 from tests.servers import free_port, wait_for
 
 Scope = dict[str, Any]
@@ -99,6 +107,44 @@ async def test_one_write_per_batch(count: int) -> None:
     # Handshake response, the batch, the close frame.
     assert len(writes) == 3
     assert writes[1] == sum(len(f) + (2 if len(f) < 126 else 4) for f in frames)
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+async def test_frames_of_every_length_class(deflate: bool) -> None:
+    # Without an extension the protocol writes the frame headers itself: 7-bit, 16-bit and 64-bit
+    # lengths at their edges; with permessage-deflate websockets frames them.
+    frames = [b'"' + b"x" * (n - 2) + b'"' for n in (2, 125, 126, 127, 65535, 65536, 70000)]
+    async for url in serve(frames_app([frames], [], []), BatchingWebSocketProtocol, ws_per_message_deflate=deflate):
+        async with connect(url, max_size=None, compression="deflate" if deflate else None) as client:
+            received = [await asyncio.wait_for(client.recv(), 5) for _ in frames]
+    assert received == [f.decode() for f in frames]
+
+
+async def test_frames_of_one_read_arrive_in_one_message() -> None:
+    messages: list[dict[str, Any]] = []
+    sent = asyncio.Event()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": RECEIVE_BATCHED})
+        await sent.wait()  # the client's frames wait in the socket meanwhile
+        while not messages or messages[-1]["type"] != "websocket.disconnect":
+            messages.append(await receive())
+
+    texts = [f'{{"n":{i}}}' for i in range(200)]
+    async for url in serve(app, BatchingWebSocketProtocol):
+        async with connect(url) as client:
+            for i, text in enumerate(texts):
+                await client.send(text if i != 7 else text.encode())
+            sent.set()
+        await wait_for(lambda: messages and messages[-1]["type"] == "websocket.disconnect", 5)
+    *batches, last = messages
+    assert all(m["type"] == RECEIVE_FRAMES for m in batches)
+    received = [frame for m in batches for frame in m["frames"]]
+    assert received == [t if i != 7 else t.encode() for i, t in enumerate(texts)]  # binary stays bytes
+    assert len(batches) <= 3  # one message per socket read, not per frame
+    assert last["code"] == 1000
 
 
 async def test_inbox_hands_items_in_order_to_waiting_getters() -> None:
