@@ -38,6 +38,11 @@ from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
 from websockets.http11 import Request
 from websockets.protocol import State
 
@@ -46,6 +51,8 @@ EXTENSION = "presque.send_frames"
 RECEIVE_BATCHED = "presque.websocket.receive_batched"  # the app asks for RECEIVE_FRAMES messages
 RECEIVE_FRAMES = "presque.websocket.receive_frames"
 
+_LEN16 = struct.Struct("!H").unpack_from
+_LEN64 = struct.Struct("!Q").unpack_from
 _HEAD7 = [bytes((0x81, n)) for n in range(126)]  # FIN + text opcode, unmasked length < 126
 _head = _HEAD7.__getitem__
 _HEAD16 = struct.Struct("!BBH").pack
@@ -141,6 +148,88 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue: Any = Inbox()
         self.writable: Any = Flag()
         self.receive_batched = False
+        self._fast = False  # data frames parsed by data_received itself (from the accept on)
+        self._tail: bytes | bytearray = b""  # the start of a frame the fast path has not received whole
+        self._need = 0  # how long the tail must grow before it is worth parsing again
+
+    # -- input: the data frames of a read parsed here, everything else by websockets -----------
+
+    def _parser_at_frame_start(self) -> bool:
+        # websockets parses frames from the end of the request on, even before the app accepts:
+        # the fast path may take over only if its parser waits for a frame's first byte, i.e.
+        # its innermost generator is StreamReader.at_eof. Otherwise (or under another websockets)
+        # it never takes over.
+        gen: Any = self.conn.parser
+        while getattr(gen, "gi_yieldfrom", None) is not None:
+            gen = gen.gi_yieldfrom
+        at_start = getattr(gen, "__name__", "") == "at_eof" and not self.conn.reader.buffer
+        # Without a size limit, websockets refuses nothing; the fast path bounds what it buffers.
+        return at_start and self.conn.max_message_size is not None
+
+    def _plain_ok(self) -> bool:
+        # When a whole data frame may skip websockets: no fragmented message in progress, no
+        # extension to apply, open on both sides.
+        conn = self.conn
+        return conn.state is State.OPEN and not (
+            self.close_sent or conn.current_size is not None or conn.debug or conn.extensions
+        )
+
+    def data_received(self, data: bytes) -> None:
+        tail = self._tail
+        if not self._fast:
+            super().data_received(data)
+            return
+        buf: bytes | bytearray = data
+        if tail:
+            # The start of a frame came before: it grows in place (a frame dripping in small
+            # reads costs its size once, not once per read), and is parsed when whole.
+            assert isinstance(tail, bytearray)
+            tail += data
+            if len(tail) < self._need:
+                return
+            buf, self._tail = tail, b""
+        conn = self.conn
+        size = len(buf)
+        limit = conn.max_message_size or 0  # never None here: see _parser_at_frame_start
+        pos = 0
+        need = 2
+        while size - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length = second & 0x7F
+            start = pos + 2
+            if length >= 126:  # a 16-bit (126) or 64-bit (127) length follows
+                extra = 2 if length == 126 else 8
+                if size - pos < 2 + extra:
+                    need = 2 + extra
+                    break
+                (length,) = (_LEN16 if extra == 2 else _LEN64)(buf, start)
+                start += extra
+            if length > limit:
+                # websockets refuses it (1009) from its header: hand it the rest.
+                self._fast = False
+                super().data_received(bytes(buf[pos:]))
+                return
+            end = start + (4 if second & 0x80 else 0) + length
+            if end > size:
+                need = end - pos
+                break
+            if (first == 0x81 or first == 0x82) and second & 0x80 and self._plain_ok():
+                # A whole masked text (0x81) or binary (0x82) frame, FIN set, no RSV bit: what
+                # handle_text / handle_bytes do with websockets' Frame.
+                self.curr_msg_data_type = "text" if first == 0x81 else "bytes"
+                self.frames = [apply_mask(buf[start + 4 : end], buf[start : start + 4])]
+                self.send_receive_event_to_app()
+            else:
+                # A control frame, a fragment, an unmasked frame, RSV bits, anything after a
+                # close...: websockets' own, and always whole, so that it stays at a frame boundary.
+                super().data_received(bytes(buf[pos:end]))
+                if conn.parser_exc is not None:
+                    self._fast = False  # it failed the connection and discards what follows
+                    return
+            pos = end
+        if pos < size:
+            self._tail = bytearray(buf[pos:]) if pos or not isinstance(buf, bytearray) else buf
+            self._need = need
 
     def send_receive_event_to_app(self) -> None:
         if not self.receive_batched or self.close_sent:
@@ -151,7 +240,7 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.curr_msg_data_type == "text":
             try:
                 data = data.decode()
-            except UnicodeDecodeError:  # pragma: no cover - websockets validates UTF-8 first
+            except UnicodeDecodeError:  # as the parent: close with 1007
                 self.logger.exception("Invalid UTF-8 sequence received from client.")
                 self.conn.send_close(1007)
                 self.handle_parser_exception()
@@ -181,6 +270,8 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         if msg["type"] != SEND_FRAMES:
             await super().send(message)
+            if msg["type"] == "websocket.accept" and self.conn.state is State.OPEN:
+                self._fast = self._parser_at_frame_start()
             if self.handshake_complete and self.__dict__.get("response") is not None:
                 # Answered (accepted or refused): the parent reads them no more.
                 self.request = None  # type: ignore[assignment]
