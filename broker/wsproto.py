@@ -20,7 +20,10 @@ receives, instead of ``websocket.receive``, ::
     {"type": "presque.websocket.receive_frames", "frames": ['{"op":"push",...}', b"...", ...]}
 
 every message (``str`` for a text frame, ``bytes`` for a binary one) read since it last asked,
-in order; other messages (``websocket.disconnect``) are unchanged and keep their place.
+in order; other messages (``websocket.disconnect``) are unchanged and keep their place. And from
+the accept on, the protocol parses whole, masked, unfragmented text and binary frames itself
+(websockets' generator parser cost more than the rest of the input path); every other frame
+goes to websockets whole, so that its parser always stands at a frame boundary.
 
 It also keeps an idle connection small (the broker holds 10,000 of them): it drops the
 handshake's request and response once answered, and replaces the parent's ``asyncio.Queue`` of
@@ -143,14 +146,16 @@ class Flag(_Waitable):
 class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
     """``uvicorn.Config(ws=BatchingWebSocketProtocol)``: see the module docstring."""
 
+    # Defaults on the class, not in each idle connection's __dict__ until they change.
+    receive_batched = False  # the app asked for RECEIVE_FRAMES messages
+    _fast = False  # data frames parsed by data_received itself (from the accept on)
+    _tail: bytes | bytearray = b""  # the start of a frame the fast path has not received whole
+    _need = 0  # how long the tail must grow before it is worth parsing again
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue: Any = Inbox()
         self.writable: Any = Flag()
-        self.receive_batched = False
-        self._fast = False  # data frames parsed by data_received itself (from the accept on)
-        self._tail: bytes | bytearray = b""  # the start of a frame the fast path has not received whole
-        self._need = 0  # how long the tail must grow before it is worth parsing again
 
     # -- input: the data frames of a read parsed here, everything else by websockets -----------
 
