@@ -48,7 +48,7 @@ from broker.frames import (
 )
 from broker.models import Delivery, PushOptions, dumps
 from broker.protocol import Authorize, Session
-from broker.wsproto import EXTENSION, SEND_FRAMES
+from broker.wsproto import EXTENSION, RECEIVE_BATCHED, RECEIVE_FRAMES, SEND_FRAMES
 
 if TYPE_CHECKING:
     from broker.delivery import DeliveryHub
@@ -176,18 +176,30 @@ class Connection:
         receive = self.ws._receive
         self._last_input = loop.time()
         self._idle_timer = loop.call_at(self._last_input + self._idle_timeout, self._idle_check)
+        session = self.session
+        receive_one = session.receive
         try:
-            while self.session.close_code is None:
+            if EXTENSION in self.ws.scope.get("extensions", {}):
+                # broker/wsproto.py then hands over every frame of a socket read in one message.
+                await self.ws._send({"type": RECEIVE_BATCHED})
+            while session.close_code is None:
                 message = await receive()
                 self._last_input = loop.time()
-                if message["type"] == "websocket.disconnect":
+                kind = message["type"]
+                if kind == RECEIVE_FRAMES:
+                    frames = message["frames"]
+                elif kind == "websocket.disconnect":
                     self._socket_closed = True
                     return
-                data = message.get("text")
-                if data is None:
-                    data = message.get("bytes") or b""
-                for cmd in self.session.receive(data):
-                    await self._execute(cmd)
+                else:
+                    data = message.get("text")
+                    frames = (message.get("bytes") or b"",) if data is None else (data,)
+                for data in frames:
+                    # Frames after one that closed the session are ignored by it (receive -> []).
+                    for cmd in receive_one(data):
+                        # The two frames of every job, straight to the coalescer without a coroutine.
+                        if not self._push_or_ack_soon(cmd):
+                            await self._execute(cmd)
                 self._wake_writer()
         finally:
             if self._idle_timer is not None:
@@ -214,6 +226,20 @@ class Connection:
             self._wake_writer()
 
     # -- executing commands ------------------------------------------------------------------------
+
+    def _push_or_ack_soon(self, cmd: Command) -> bool:
+        """_execute's first two cases when they need not wait for room; False if not done here."""
+        if self._tasks or self._pending >= MAX_PENDING:
+            return False
+        if type(cmd) is Push:
+            self._pending += 1
+            self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
+            return True
+        if type(cmd) is Ack:
+            self._pending += 1
+            self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
+            return True
+        return False
 
     async def _execute(self, cmd: Command) -> None:
         match cmd:

@@ -578,6 +578,13 @@ def job_frame(queue: str, job_id: str, token: str | None, attempt: int, body: by
     return b"".join(parts)
 
 
+def pushed_frame(job_id: str, ref: str | None) -> bytes:
+    """``encode({"op": "pushed", "id": job_id} | ({"ref": ref} if ref is not None else {}))``, faster."""
+    if ref is None:
+        return b'{"op":"pushed","id":' + orjson.dumps(job_id) + b"}"
+    return b"".join((b'{"op":"pushed","id":', orjson.dumps(job_id), b',"ref":', orjson.dumps(ref), b"}"))
+
+
 def message_frame(channel: str, data_json: bytes) -> bytes:
     return b"".join((b'{"op":"message","channel":', orjson.dumps(channel), b',"data":', data_json, b"}"))
 

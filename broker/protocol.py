@@ -57,6 +57,7 @@ from broker.frames import (
     job_frame,
     message_frame,
     parse,
+    pushed_frame,
     read_op,
     read_ref,
     stats_frame,
@@ -300,6 +301,10 @@ class Session:
             result: the new job id for :class:`Push`, the list of ids for :class:`PushBatch`,
                 None otherwise.
         """
+        if type(cmd) is Push and type(result) is str:
+            # The reply to nearly every push: as the general path below encodes it, from a template.
+            self._send(pushed_frame(result, cmd.ref))
+            return
         reply: dict[str, Any]
         match cmd:
             case Subscribe():

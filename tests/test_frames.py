@@ -453,3 +453,12 @@ def test_fast_and_general_paths_agree(op: str, fields: dict[str, Any]) -> None:
 )
 def test_fast_path_commands_equal_the_general_ones(frame: dict[str, Any]) -> None:
     assert p(frame) == _parse(frame["op"], frame, frame.get("ref"), LIMITS, locate)
+
+
+@pytest.mark.parametrize("ref", [None, "r1", 'q"\\\u00e9\u2028'])
+@pytest.mark.parametrize("job_id", ["01J0ABCDEF", 'odd"\\\u00e9'])
+def test_pushed_frame_is_the_general_encoding(job_id: str, ref: str | None) -> None:
+    from broker.frames import encode, pushed_frame
+
+    expected = {"op": "pushed", "id": job_id} | ({} if ref is None else {"ref": ref})
+    assert pushed_frame(job_id, ref) == encode(expected)

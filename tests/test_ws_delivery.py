@@ -354,26 +354,24 @@ async def test_job_events_of_the_http_path(broker: RunningBroker, http: httpx.As
 
 
 async def test_commands_in_flight_are_bounded_per_connection(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker.connection import Connection
-
     monkeypatch.setattr("broker.connection.MAX_PENDING", 3)
-    in_flight: list[int] = []
-    reserve = Connection._reserve
-
-    async def counted(self: Connection) -> None:
-        await reserve(self)
-        in_flight.append(self._pending)
-
-    monkeypatch.setattr(Connection, "_reserve", counted)
     async with run_broker(settings_for(redis_url)) as broker:
         runtime = broker.app.state.runtime  # type: ignore[attr-defined]
         gate = asyncio.Event()
         flush = runtime.pusher._flush
+        in_flight: list[int] = []  # the connection's commands running, as each push starts
+        push_soon = runtime.push_soon
+
+        def counted(*args: Any) -> None:
+            (conn,) = runtime.delivery.connections
+            in_flight.append(conn._pending)
+            push_soon(*args)
 
         async def gated(key: str, items: Any) -> Any:
             await gate.wait()
             return await flush(key, items)
 
+        runtime.push_soon = counted
         runtime.pusher._flush = gated  # no push completes until the gate opens
         async with ws_connect(broker.ws_url) as ws:
             for n in range(1, 6):
