@@ -228,31 +228,29 @@ class Connection:
     # -- executing commands ------------------------------------------------------------------------
 
     def _push_or_ack_soon(self, cmd: Command) -> bool:
-        """_execute's first two cases when they need not wait for room; False if not done here."""
-        if self._tasks or self._pending >= MAX_PENDING:
+        """_execute's first case when it need not wait for room; False if not done here."""
+        if self._tasks or self._pending >= MAX_PENDING or type(cmd) not in (Push, Ack):
             return False
-        if type(cmd) is Push:
-            self._pending += 1
+        self._pending += 1
+        self._hand_over(cmd)  # type: ignore[arg-type]  # a Push or an Ack: checked just above
+        return True
+
+    def _hand_over(self, cmd: Push | Ack) -> None:
+        """A push or an ack, its room among the pending commands taken, to its coalescer."""
+        if isinstance(cmd, Push):
             self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
-            return True
-        if type(cmd) is Ack:
-            self._pending += 1
+        else:
             self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
-            return True
-        return False
 
     async def _execute(self, cmd: Command) -> None:
         match cmd:
             # With no task of this connection in flight, straight to the coalescer. Otherwise in a
             # task too, as they were: a task starts its Redis call a few loop turns after it is
             # made, and a progress or touch must not find its job already acked by a later frame.
-            case Push() if not self._tasks:
-                await self._reserve()
-                self.runtime.push_soon(cmd.queue, cmd.body_json, self._push_options(cmd), partial(self._pushed, cmd))
             # An ack's or nack's credit reached the feed when the session read it (Session.on_credit).
-            case Ack() if not self._tasks:
+            case Push() | Ack() if not self._tasks:
                 await self._reserve()
-                self.runtime.ack_soon(cmd.queue, cmd.id, cmd.token, partial(self._acked, cmd))
+                self._hand_over(cmd)
             case Ack():
                 await self._spawn(cmd, lambda: self._ack(cmd))
             case Nack():
