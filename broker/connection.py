@@ -24,13 +24,10 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket
 
-from broker.errors import BrokerError
-from broker.frames import (
+from broker.commands import (
     Ack,
     Auth,
-    CloseCode,
     Command,
-    ErrorCode,
     Lease,
     Listen,
     Nack,
@@ -46,6 +43,8 @@ from broker.frames import (
     Unwatch,
     Watch,
 )
+from broker.errors import BrokerError
+from broker.frames import CloseCode, ErrorCode
 from broker.models import Delivery, PushOptions, dumps
 from broker.protocol import Authorize, Session
 from broker.wsproto import EXTENSION, RECEIVE_BATCHED, RECEIVE_FRAMES, SEND_FRAMES

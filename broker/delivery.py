@@ -25,8 +25,8 @@ from redis.exceptions import RedisError
 
 from broker import keys
 from broker.batching import Coalescer
+from broker.commands import Lease, Topic
 from broker.feed import QueueFeed
-from broker.frames import Lease, Topic
 from broker.models import dumps
 from broker.redis import publish_many
 from broker.stats import LatencyHistogram

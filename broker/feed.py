@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from broker import keys
-from broker.frames import AckMode, Lease
+from broker.commands import AckMode, Lease
 from broker.models import Delivery, PushOptions, dumps
 from broker.ring import CreditRing
 from broker.stats import LatencyHistogram

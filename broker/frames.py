@@ -1,4 +1,4 @@
-"""The WebSocket wire format: codes, limits, client commands, frame parsing and server frame encoding.
+"""The WebSocket wire format: codes, limits, frame parsing into commands, and server frame encoding.
 
 No state and no I/O: :class:`broker.protocol.Session` calls :func:`decode` and :func:`parse` on
 every client frame and the ``*_frame`` encoders for everything it sends. ``docs/protocol.md``
@@ -11,9 +11,30 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from enum import IntEnum, StrEnum
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import orjson
+
+from broker.commands import (
+    OPS,
+    Ack,
+    AckMode,
+    Auth,
+    Command,
+    Listen,
+    Nack,
+    Progress,
+    Publish,
+    Push,
+    PushBatch,
+    Subscribe,
+    Topic,
+    Touch,
+    Unlisten,
+    Unsubscribe,
+    Unwatch,
+    Watch,
+)
 
 # Same rule as HTTP queue names (issue 2); channels follow it too.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -52,16 +73,6 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008  # abuse: too many consecutive protocol errors
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame
     TRY_AGAIN_LATER = 1013  # connection limit reached
-
-
-class AckMode(StrEnum):
-    MANUAL = "manual"
-    AUTO = "auto"
-
-
-class Topic(StrEnum):
-    STATS = "stats"
-    EVENTS = "events"
 
 
 # What an authorization hook is asked about, for one queue or channel name (the same literal
@@ -130,157 +141,6 @@ class SessionLimits:
         if self.max_errors < 0:
             raise ValueError("max_errors must be at least 0")
 
-
-class Lease(NamedTuple):
-    """A job held unacked by a connection: what the I/O layer hands back to the queue."""
-
-    queue: str
-    id: str
-    token: str
-
-
-# Commands: one frozen dataclass per client op, in the order the frames arrived. ``ref`` is the
-# client's correlation string, echoed in the reply; job payloads are compact JSON bytes.
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Subscribe:
-    ref: str | None = None
-    queue: str
-    prefetch: int
-    ack_mode: AckMode
-    lease: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Unsubscribe:
-    """``release``: the jobs this connection held on the queue, to return to it at once."""
-
-    ref: str | None = None
-    queue: str
-    release: tuple[Lease, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Ack:
-    ref: str | None = None
-    queue: str
-    id: str
-    token: str
-    result_json: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Nack:
-    ref: str | None = None
-    queue: str
-    id: str
-    token: str
-    delay: float | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Touch:
-    """``lease``: new lease length in seconds; None keeps the one the job was delivered with."""
-
-    ref: str | None = None
-    queue: str
-    id: str
-    token: str
-    lease: float | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Progress:
-    ref: str | None = None
-    queue: str
-    id: str
-    token: str
-    data_json: bytes
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Push:
-    """Optional fields are None when the frame leaves them out: the queue service's defaults apply."""
-
-    ref: str | None = None
-    queue: str
-    body_json: bytes
-    priority: int | None = None
-    delay: float | None = None
-    uniq: str | None = None
-    ttl: float | None = None
-    max_attempts: int | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PushBatch:
-    ref: str | None = None
-    queue: str
-    bodies: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Publish:
-    ref: str | None = None
-    channel: str
-    data_json: bytes
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Listen:
-    ref: str | None = None
-    channel: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Unlisten:
-    ref: str | None = None
-    channel: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Watch:
-    """``queue`` None: the broker-wide feed of that topic."""
-
-    ref: str | None = None
-    topic: Topic
-    queue: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Unwatch:
-    ref: str | None = None
-    topic: Topic
-    queue: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Auth:
-    ref: str | None = None
-    token: str
-
-
-Command = (
-    Subscribe
-    | Unsubscribe
-    | Ack
-    | Nack
-    | Touch
-    | Progress
-    | Push
-    | PushBatch
-    | Publish
-    | Listen
-    | Unlisten
-    | Watch
-    | Unwatch
-    | Auth
-)
-JobCommand = Ack | Nack | Touch | Progress
-
-OPS = frozenset("subscribe unsubscribe ack nack touch progress push publish listen unlisten watch unwatch auth".split())
 
 # Finds which queue holds job ``id`` on this connection, or raises FrameError
 # (unknown_job / stale_token): ack-like frames carry no queue.

@@ -25,15 +25,11 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from broker.errors import BrokerError
-from broker.frames import (
+from broker.commands import (
     Ack,
     AckMode,
     Auth,
-    CloseCode,
     Command,
-    ErrorCode,
-    FrameError,
     Lease,
     Listen,
     Nack,
@@ -41,8 +37,6 @@ from broker.frames import (
     Publish,
     Push,
     PushBatch,
-    Role,
-    SessionLimits,
     Subscribe,
     Topic,
     Touch,
@@ -50,6 +44,14 @@ from broker.frames import (
     Unsubscribe,
     Unwatch,
     Watch,
+)
+from broker.errors import BrokerError
+from broker.frames import (
+    CloseCode,
+    ErrorCode,
+    FrameError,
+    Role,
+    SessionLimits,
     decode,
     encode,
     error_frame,

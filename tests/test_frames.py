@@ -9,19 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.frames import (
+from broker.commands import (
     Ack,
     AckMode,
     Auth,
-    ErrorCode,
-    FrameError,
     Listen,
     Nack,
     Progress,
     Publish,
     Push,
     PushBatch,
-    SessionLimits,
     Subscribe,
     Topic,
     Touch,
@@ -29,6 +26,11 @@ from broker.frames import (
     Unsubscribe,
     Unwatch,
     Watch,
+)
+from broker.frames import (
+    ErrorCode,
+    FrameError,
+    SessionLimits,
     _parse,
     decode,
     error_frame,

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from broker.frames import OPS, ErrorCode
+from broker.commands import OPS
+from broker.frames import ErrorCode
 from tests.invariants import check_queue
 from tests.ledger import Consumer, Harness, Ledger, WsProducer
 from tests.servers import make_settings, run_broker, wait_for

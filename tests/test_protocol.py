@@ -11,14 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.config import AuthToken, Roles
-from broker.errors import JobExists, Unauthorized, Unavailable
-from broker.frames import (
+from broker.commands import (
     Ack,
     AckMode,
     Auth,
-    CloseCode,
-    ErrorCode,
     Lease,
     Listen,
     Nack,
@@ -34,6 +30,9 @@ from broker.frames import (
     Unwatch,
     Watch,
 )
+from broker.config import AuthToken, Roles
+from broker.errors import JobExists, Unauthorized, Unavailable
+from broker.frames import CloseCode, ErrorCode
 from broker.protocol import Command, Session, SessionLimits, SessionState
 
 

@@ -270,7 +270,7 @@ async def test_asyncapi_document(broker: RunningBroker) -> None:
     assert doc["asyncapi"] == "3.0.0"
     assert doc["servers"]["broker"]["host"] == broker.url.removeprefix("http://")
     messages = doc["components"]["messages"]
-    from broker.frames import OPS
+    from broker.commands import OPS
 
     assert OPS <= set(messages)
     server_ops = {"subscribed", "unsubscribed", "listening", "unlistened", "watching", "unwatched", "pushed"}
