@@ -154,6 +154,8 @@ class LimitSettings:
     max_wait: float = bounded(30.0, gt=0)
     max_subscriptions: int = bounded(100, ge=1)
     max_channels: int = bounded(100, ge=1)
+    max_watches: int = bounded(100, ge=1)
+    max_errors: int = bounded(100, ge=0)
     max_connections: int = bounded(10_000, ge=1)
     max_prefetch: int = bounded(1000, ge=1)
     max_desc: int = bounded(100, ge=1)

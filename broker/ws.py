@@ -33,6 +33,8 @@ def session_limits(settings: Settings) -> SessionLimits:
         max_frame=limits.max_frame,
         max_subscriptions=limits.max_subscriptions,
         max_channels=limits.max_channels,
+        max_watches=limits.max_watches,
+        max_errors=limits.max_errors,
         max_prefetch=limits.max_prefetch,
         default_lease=queues.default_lease,
         max_lease=queues.max_lease,

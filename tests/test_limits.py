@@ -7,6 +7,8 @@
 | ``limits.max_frame``       |                      | ``error`` ``too_large``, close 1009 |
 | ``limits.max_subscriptions`` |                    | ``error`` ``too_many``            |
 | ``limits.max_channels``    |                      | ``error`` ``too_many``            |
+| ``limits.max_watches``     |                      | ``error`` ``too_many``            |
+| ``limits.max_errors``      |                      | close 1008                        |
 | ``limits.max_connections`` | 503 + ``Retry-After`` | close 1013                       |
 """
 
@@ -144,6 +146,31 @@ async def test_subscriptions_and_channels_per_connection(redis_url: str) -> None
             assert (await client.post("/q/s3", content=b'{"n": 1}')).status_code == 201
             job = orjson.loads(await ws.recv())
             assert job["op"] == "job" and job["body"] == {"n": 1}
+
+
+async def test_watches_per_connection(redis_url: str) -> None:
+    async with broker(redis_url, max_watches=1) as (ws_url, _), connect(ws_url) as ws:
+        assert (await request(ws, {"op": "watch", "topic": "stats"}))["op"] == "watching"
+        refused = await request(ws, {"op": "watch", "topic": "events", "queue": "w"})
+        assert refused["op"] == "error" and refused["code"] == "too_many"
+        assert (await request(ws, {"op": "unwatch", "topic": "stats"}))["op"] == "unwatched"
+        assert (await request(ws, {"op": "watch", "topic": "events", "queue": "w"}))["op"] == "watching"
+
+
+async def test_consecutive_protocol_errors_per_connection(redis_url: str) -> None:
+    async with broker(redis_url, max_errors=2) as (ws_url, _):
+        async with connect(ws_url) as ws:  # errors up to the limit, then a valid frame resets the count
+            for ref in ("e1", "e2"):
+                assert (await request(ws, {"op": "nope"}, ref))["code"] == "unknown_op"
+            assert (await request(ws, {"op": "subscribe", "queue": "ok"}))["op"] == "subscribed"
+            for ref in ("e3", "e4"):
+                assert (await request(ws, {"op": "nope"}, ref))["code"] == "unknown_op"
+        async with connect(ws_url) as ws:  # one more than the limit closes the connection
+            for ref in ("e1", "e2", "e3"):
+                await ws.send(orjson.dumps({"op": "nope", "ref": ref}).decode())
+            frames, code = await until_closed(ws)
+            assert code == 1008
+            assert [frame.get("code") for frame in frames] == ["unknown_op"] * 3
 
 
 async def test_connections_per_process(redis_url: str) -> None:
