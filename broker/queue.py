@@ -77,6 +77,8 @@ class ReapResult:
     promoted: int
     expired: int
     more: bool
+    # (id, outcome) of each job whose lease lapsed: ready | delayed | dead | expired, as for a nack.
+    lapsed: tuple[tuple[str, str], ...] = ()
 
 
 def _s(value: bytes | str) -> str:
@@ -285,8 +287,9 @@ class QueueService:
             self.policy.tombstone_ttl,
         ]
         raw = await self.scripts.reap(keys=keys.queue_keys(queue).all(), args=args)
-        lease_expired, dead_lettered, promoted, expired, more = (int(x) for x in raw)
-        return ReapResult(lease_expired, dead_lettered, promoted, expired, bool(more))
+        lease_expired, dead_lettered, promoted, expired, more = (int(x) for x in raw[:5])
+        lapsed = tuple((_s(raw[i]), _s(raw[i + 1])) for i in range(5, len(raw), 2))
+        return ReapResult(lease_expired, dead_lettered, promoted, expired, bool(more), lapsed)
 
     async def queues(self) -> list[str]:
         """Every queue name ever pushed to, sorted."""

@@ -210,8 +210,12 @@ class Runtime:
     async def reap_all(self) -> None:
         """Reap every known queue once (leases, delayed, ttl, tombstones)."""
         for queue in await self.queues.queues():
-            while (await self.queues.reap(queue)).more:
-                pass
+            while True:
+                result = await self.queues.reap(queue)
+                if result.lapsed:
+                    self.delivery.emit_events(queue, lapsed_events(result.lapsed))
+                if not result.more:
+                    break
 
     async def heartbeat(self) -> None:
         """Record this process in the process registry (the dashboard's list of brokers)."""
@@ -228,6 +232,14 @@ class Runtime:
         self._beats += 1
         if self._beats % LATENCY_WINDOW_BEATS == 0:
             self.delivery.rotate_latency()
+
+
+def lapsed_events(lapsed: Sequence[tuple[str, str]]) -> list[EventItem]:
+    """The events of jobs whose lease lapsed: what a consumer's nack of each would have emitted."""
+    return [
+        (job_id, "dead" if outcome == "dead" else "nacked", dumps({"error": "lease expired", "outcome": outcome}))
+        for job_id, outcome in lapsed
+    ]
 
 
 __all__ = ["JobExists", "Runtime"]

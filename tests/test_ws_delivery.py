@@ -353,6 +353,29 @@ async def test_job_events_of_the_http_path(broker: RunningBroker, http: httpx.As
         assert sorted(((e["id"], e["event"], e["data"]) for e in events), key=str) == sorted(expected, key=str)
 
 
+async def test_job_events_of_lapsed_leases(broker: RunningBroker, http: httpx.AsyncClient) -> None:
+    # The reaper (every 0.1 s here) settles a lapsed lease as a failure: watchers hear it as they
+    # would hear a consumer's nack of the job.
+    async with ws_connect(broker.ws_url) as watcher:
+        await watcher.call("watch", topic="events", queue="lapse")
+        retried = await push(http, "lapse", {"n": 1})
+        last_try = await push(http, "lapse", {"n": 2}, max_attempts=1)
+        for job_id in (retried, last_try):
+            reply = await http.get(f"{broker.url}/q/lapse", params={"lease": 1})  # the shortest
+            assert reply.status_code == 200 and reply.headers["x-presque-job-id"] == job_id
+        expected = [
+            (retried, "pushed", None),
+            (last_try, "pushed", None),
+            (retried, "delivered", {"attempt": 1}),
+            (last_try, "delivered", {"attempt": 1}),
+            (retried, "nacked", {"error": "lease expired", "outcome": "delayed"}),
+            (last_try, "dead", {"error": "lease expired", "outcome": "dead"}),
+        ]
+        events = [await watcher.expect("event", timeout=10) for _ in expected]
+        assert sorted(((e["id"], e["event"], e["data"]) for e in events), key=str) == sorted(expected, key=str)
+        assert (await http.get(f"{broker.url}/dead/lapse")).json()["total"] == 1
+
+
 async def test_commands_in_flight_are_bounded_per_connection(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("broker.connection.MAX_PENDING", 3)
     async with run_broker(settings_for(redis_url)) as broker:

@@ -4,7 +4,9 @@
 -- become ready, ttl-expired waiting jobs are dropped, old ack tombstones are trimmed.
 -- ARGV[1] wake channel   ARGV[2] limit per kind   ARGV[3] backoff base   ARGV[4] backoff cap
 -- ARGV[5] random seed    ARGV[6] tombstone window seconds
--- Returns {lease_expired, dead_lettered, promoted, expired, more (1 when a limit was hit)}
+-- Returns {lease_expired, dead_lettered, promoted, expired, more (1 when a limit was hit)}, then
+-- per job whose lease lapsed: its id and where it went ('ready' | 'delayed' | 'dead' | 'expired'),
+-- so that the broker can tell event watchers what a consumer's nack would have told them.
 local now = now_seconds()
 local limit = tonumber(ARGV[2])
 math.randomseed(tonumber(ARGV[5]))
@@ -13,6 +15,7 @@ local more = 0
 
 local counts = {failed = 0, dead_lettered = 0, expired = 0, retried = 0}
 
+local outcomes = {}
 local lapsed = redis.call('ZRANGEBYSCORE', K_LEASED, '-inf', now, 'LIMIT', 0, limit)
 if #lapsed > 0 then
   if #lapsed == limit then more = 1 end
@@ -26,6 +29,8 @@ if #lapsed > 0 then
       end_lease(meta, entries[i] or nil)
       local outcome = fail_job(id, meta, now, 'lease expired', -1, tonumber(ARGV[3]), tonumber(ARGV[4]), counts)
       if outcome == 'ready' then wake = true end
+      outcomes[#outcomes + 1] = id
+      outcomes[#outcomes + 1] = outcome
     end
   end
 end
@@ -58,4 +63,6 @@ end
 redis.call('ZREMRANGEBYSCORE', K_DONE, '-inf', now - tonumber(ARGV[6]))
 count_stats(counts)
 if wake then redis.call('PUBLISH', ARGV[1], '0') end
-return {#lapsed, counts.dead_lettered, promoted, #expired_ids, more}
+local out = {#lapsed, counts.dead_lettered, promoted, #expired_ids, more}
+for _, value in ipairs(outcomes) do out[#out + 1] = value end
+return out
