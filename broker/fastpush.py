@@ -20,8 +20,13 @@ those routes itself, giving the same answers:
   exception handlers for what the push itself raises (409 for a ``uniq`` clash, 503 when Redis
   is away, 500 for anything unexpected, re-raised as ``ServerErrorMiddleware`` does).
 
+Its pieces serve :mod:`broker.httpproto` too, which answers the same requests below ASGI:
+:meth:`FastPush.admit` (may this path serve the request, as its headers and query tell),
+:meth:`FastPush.jobs` (the body's jobs, or None), :meth:`FastPush.created` and
+:meth:`FastPush.refused` (the answer, headers in the app's order).
+
 tests/test_fastpush.py sends a matrix of good and bad requests to both paths and compares
-status, headers and body.
+status, headers and body, through uvicorn's protocol and the broker's.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ class FastPush:
         self.on_unexpected: Handler = _no_handler
         self.gate: AccessMiddleware | None = None
         self.served = 0  # requests answered here rather than by the app (tests look)
+        self.served_below = 0  # of which broker.httpproto answered without ASGI
 
     def bind(self, app: Starlette, fallback: ASGIApp) -> None:
         """Serve for ``app`` (its ``state.runtime`` pushes, its exception handlers answer errors);

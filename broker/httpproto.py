@@ -24,12 +24,14 @@ Keep-alive, ``Connection: close``, HTTP/1.0, graceful shutdown (the lean request
 ``keep_alive`` and ``response_complete`` that uvicorn's ``shutdown`` looks at), the keep-alive
 timer and pipelining (``on_response_complete`` starts the next request) work as for any request.
 Only a plain stack is served so: the app itself (or behind uvicorn's proxy-headers middleware,
-which changes nothing a push answer shows), no root path, no ``limit_concurrency``, no access log.
+which changes nothing a push answer shows), no root path, no ``limit_concurrency``, no access log
+(uvicorn's, at level INFO).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
 from typing import Any
 
@@ -89,7 +91,9 @@ class LeanHttpProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.fast = None if self.access_log else lean_path(config)
+        # uvicorn's access log line would show the client as the proxy headers make it: not here.
+        logs_access = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
+        self.fast = None if logs_access else lean_path(config)
         self.lost = False
 
     # -- the parser's callbacks -------------------------------------------------------------------
@@ -158,6 +162,7 @@ class LeanHttpProtocol(HttpToolsProtocol):
         lean.pushing = True
         lean.body = bytearray()
         fast.served += 1
+        fast.served_below += 1
         if isinstance(jobs, bytes):
             admitted.runtime.push_soon(
                 admitted.queue, jobs, admitted.opts, partial(self._pushed, lean), count_failure=admitted.count_failure
