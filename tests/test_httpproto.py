@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from broker.app import create_app
 from broker.fastpush import FastPush
-from broker.httpproto import LeanHttpProtocol
-from tests.servers import RedisServer, wait_for
+from broker.httpproto import LeanHttpProtocol, lean_path
+from broker.server import uvicorn_config
+from tests.servers import RedisServer, make_settings, wait_for
 from tests.test_fastpush import Twin, protocol, twin
 
 pytestmark = pytest.mark.core
@@ -173,3 +175,18 @@ async def test_a_client_gone_before_its_answer(make_redis_server: Callable[..., 
         assert state.total_requests == answered  # nothing was answered
         assert fp.served_below == (2 if isinstance(connection, LeanHttpProtocol) else 0)
         assert (await t.fast.get("/j/gone")).json()["pushed"] == 2
+
+
+def test_the_broker_serves_pushes_below_asgi_on_a_plain_stack_only(redis_url: str) -> None:
+    settings = make_settings(redis_url, {})
+    app = create_app(settings)
+    for overrides, lean in (
+        ({}, True),
+        ({"proxy_headers": False}, True),
+        ({"root_path": "/api"}, False),
+        ({"limit_concurrency": 100}, False),
+    ):
+        config = uvicorn_config(app, settings, host="127.0.0.1", port=0, **overrides)
+        config.load()
+        assert config.http_protocol_class is LeanHttpProtocol
+        assert lean_path(config) is (app.fast_push if lean else None), overrides  # type: ignore[attr-defined]
