@@ -20,8 +20,9 @@ import pytest
 from broker.app import create_app
 from broker.fastpush import FastPush
 from broker.httpproto import LeanHttpProtocol, lean_path
+from broker.keys import queue_keys
 from broker.server import uvicorn_config
-from tests.servers import RedisServer, make_settings, wait_for
+from tests.servers import RedisServer, make_settings, run_broker, wait_for
 from tests.test_fastpush import Twin, protocol, twin
 
 pytestmark = pytest.mark.core
@@ -190,3 +191,37 @@ def test_the_broker_serves_pushes_below_asgi_on_a_plain_stack_only(redis_url: st
         config.load()
         assert config.http_protocol_class is LeanHttpProtocol
         assert lean_path(config) is (app.fast_push if lean else None), overrides  # type: ignore[attr-defined]
+
+
+async def test_a_push_in_progress_is_answered_at_shutdown(
+    make_redis_server: Callable[..., RedisServer], protocol: Any
+) -> None:
+    """uvicorn's graceful shutdown lets the push finish, answers it with ``connection: close``."""
+    redis = make_redis_server()
+    settings = make_settings(redis.url, {})
+    async with run_broker(settings, http=protocol) as running:
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            assert (await client.post("/q/shut", content=b"1")).status_code == 201
+        fp = running.app.fast_push  # type: ignore[attr-defined]
+        served = fp.served
+        url = httpx.URL(running.url)
+        assert url.host is not None and url.port is not None
+        with redis.client() as pauser:
+            pauser.execute_command("CLIENT", "PAUSE", 20000, "WRITE")
+            try:
+                reader, writer = await asyncio.open_connection(url.host, url.port)
+                writer.write(post("/q/shut", b"2"))
+                await writer.drain()
+                await wait_for(lambda: fp.served == served + 1, 10, message="the push did not start")
+                state = running.server.server_state
+                (connection,) = [c for c in state.connections if c.client == writer.get_extra_info("sockname")]
+                running.server.should_exit = True
+                await wait_for(lambda: not connection.cycle.keep_alive, 10, message="no shutdown seen")
+            finally:
+                pauser.execute_command("CLIENT", "UNPAUSE")
+            raw = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        assert STATUS.findall(raw) == [b"201"] and b"connection: close\r\n" in raw
+        assert fp.served_below == (2 if protocol is LeanHttpProtocol else 0)
+    with redis.client() as check:
+        assert check.zcard(queue_keys("shut").ready) == 2  # both pushed
