@@ -20,14 +20,19 @@ those routes itself, giving the same answers:
   exception handlers for what the push itself raises (409 for a ``uniq`` clash, 503 when Redis
   is away, 500 for anything unexpected, re-raised as ``ServerErrorMiddleware`` does).
 
+Its pieces serve :mod:`broker.httpproto` too, which answers the same requests below ASGI:
+:meth:`FastPush.admit` (may this path serve the request, as its headers and query tell),
+:meth:`FastPush.jobs` (the body's jobs, or None), :meth:`FastPush.created` and
+:meth:`FastPush.refused` (the answer, headers in the app's order).
+
 tests/test_fastpush.py sends a matrix of good and bad requests to both paths and compares
-status, headers and body.
+status, headers and body, through uvicorn's protocol and the broker's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.applications import Starlette
@@ -43,9 +48,10 @@ from broker.config import Settings
 from broker.logs import REQUEST_ID, accepted_id, new_id
 from broker.models import QUEUE_NAME_RE, PushOptions
 
-__all__ = ["FastPush"]
+__all__ = ["Admitted", "Answer", "FastPush"]
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 CONTENT_TYPE = (b"content-type", b"application/json")
 VARY = (b"vary", b"Origin")  # what CORSMiddleware adds to the answer of a request without Origin
@@ -53,6 +59,17 @@ VARY = (b"vary", b"Origin")  # what CORSMiddleware adds to the answer of a reque
 
 class _Fallback(Exception):
     """The request is the app's to answer (raised before any side effect)."""
+
+
+class Admitted(NamedTuple):
+    """A push request this path serves, as far as its headers and query tell."""
+
+    runtime: Any  # the app's Runtime
+    queue: str
+    batch: bool  # POST /qb/: a batch
+    count_failure: bool  # PUT /q/: a re-queue after failure
+    opts: PushOptions
+    request_id: str
 
 
 class FastPush:
@@ -87,6 +104,7 @@ class FastPush:
         self.on_unexpected: Handler = _no_handler
         self.gate: AccessMiddleware | None = None
         self.served = 0  # requests answered here rather than by the app (tests look)
+        self.served_below = 0  # of which broker.httpproto answered without ASGI
 
     def bind(self, app: Starlette, fallback: ASGIApp) -> None:
         """Serve for ``app`` (its ``state.runtime`` pushes, its exception handlers answer errors);
@@ -103,41 +121,45 @@ class FastPush:
         return self.gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            path: str = scope["path"]
-            if path.startswith("/q/"):
-                queue, batch = path[3:], False
-            elif path.startswith("/qb/"):
-                queue, batch = path[4:], True
-            else:
-                await self.fallback(scope, receive, send)
-                return
-            method: str = scope["method"]
-            if (method == "POST" or (method == "PUT" and not batch)) and QUEUE_NAME_RE.fullmatch(queue):
-                await self._serve(scope, receive, send, queue, batch, method)
-                return
-        await self.fallback(scope, receive, send)
+        if scope["type"] == "http" and (admitted := self.admit(scope)) is not None:
+            await self._serve(scope, receive, send, admitted)
+        else:
+            await self.fallback(scope, receive, send)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, queue: str, batch: bool, method: str) -> None:
+    def admit(self, scope: Scope) -> Admitted | None:
+        """What serving this request needs, when it is a push this path answers as the app would
+        (on its headers and query); None: the app's to answer. ``scope`` needs ``method``,
+        ``path``, ``root_path``, ``query_string`` and ``headers``. Has no side effect but the
+        token in ``scope["state"]``, as ``AccessMiddleware`` leaves it."""
+        path: str = scope["path"]
+        if path.startswith("/q/"):
+            queue, batch = path[3:], False
+        elif path.startswith("/qb/"):
+            queue, batch = path[4:], True
+        else:
+            return None
+        method: str = scope["method"]
+        if not (method == "POST" or (method == "PUT" and not batch)) or not QUEUE_NAME_RE.fullmatch(queue):
+            return None
         gate = self.gate
         runtime = getattr(self.app.state, "runtime", None) if self.app is not None else None
         if gate is None or runtime is None or scope.get("root_path"):
-            await self.fallback(scope, receive, send)  # not started yet, or mounted: the app decides
-            return
+            return None  # not started yet, or mounted: the app decides
+        if gate.in_flight >= self.max_connections:
+            return None
         client_id = None
-        refer = gate.in_flight >= self.max_connections
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 if client_id is None:
                     client_id = value
             elif name == b"origin":
-                refer = refer or self.cors  # a cross-origin request: CORSMiddleware's answer
+                if self.cors:
+                    return None  # a cross-origin request: CORSMiddleware's answer
             elif name == b"content-length" and not (value.isdigit() and int(value) <= self.max_body):
-                refer = refer or not _length_ok(value, self.max_body)
+                if not _length_ok(value, self.max_body):
+                    return None
         query: bytes = scope["query_string"]
         try:
-            if refer:
-                raise _Fallback
             if self.auth:
                 self._authorize(scope, ("/qb/" if batch else "/q/", method), queue)
             if not query:
@@ -145,20 +167,22 @@ class FastPush:
             else:
                 opts = params.push_options(QueryParams(query), self.settings.queues, allow_uniq=not batch)
         except Exception:
-            await self.fallback(scope, receive, send)
-            return
-
+            return None
         request_id = accepted_id(client_id) if client_id is not None else None
-        if request_id is None:
-            request_id = new_id()
+        return Admitted(runtime, queue, batch, method == "PUT", opts, request_id or new_id())
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, admitted: Admitted) -> None:
         scope["app"] = self.app
         messages: list[Message] = []
+        gate = self.gate
+        assert gate is not None  # admit() saw it
         gate.in_flight += 1
         try:
-            bodies = await self._read(receive, messages, batch)
-            if bodies is not None:
-                token = REQUEST_ID.set(request_id)
-                await self._push(scope, receive, send, runtime, queue, bodies, opts, method, request_id)
+            body = await self._read(receive, messages)
+            jobs = self.jobs(body, admitted.batch) if body is not None else None
+            if jobs is not None:
+                token = REQUEST_ID.set(admitted.request_id)
+                await self._push(scope, receive, send, admitted, jobs)
                 REQUEST_ID.reset(token)
                 return
         finally:
@@ -170,17 +194,15 @@ class FastPush:
         need = self.needs[route]
         if need is None:  # pragma: no cover - not with today's ROUTE_ROLES
             raise _Fallback
-        presented = bearer(Headers(scope=scope))
+        presented = bearer(Headers(raw=scope["headers"]))
         token = find_token(self.settings, presented) if presented is not None else None
         if token is None or not may(token, need, queue):
             raise _Fallback
         scope.setdefault("state", {})["token"] = token
-        scope.setdefault("state", {})["token"] = token
 
-    async def _read(self, receive: Receive, messages: list[Message], batch: bool) -> bytes | list[bytes] | None:
-        """The job body (or a batch's bodies), read and validated as ``http.push_job`` (or
-        ``push_batch``) does; None when the app would refuse it or the client left. Every message
-        received is appended to ``messages``, for the app to see again."""
+    async def _read(self, receive: Receive, messages: list[Message]) -> bytes | None:
+        """The body, or None when it goes over ``limits.max_body`` or the client left. Every
+        message received is appended to ``messages``, for the app to see again."""
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -195,7 +217,12 @@ class FastPush:
                 return None
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def jobs(self, body: bytes, batch: bool) -> bytes | list[bytes] | None:
+        """The job body (or a batch's bodies) read from a request's body (at most
+        ``limits.max_body`` bytes), validated as ``http.push_job`` (or ``push_batch``) does; None
+        when the app would refuse it."""
         try:
             if batch:
                 return self._batch(orjson.loads(body))
@@ -216,45 +243,26 @@ class FastPush:
         return [dumps(job) for job in data]
 
     async def _push(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        runtime: Any,
-        queue: str,
-        bodies: bytes | list[bytes],
-        opts: PushOptions,
-        method: str,
-        request_id: str,
+        self, scope: Scope, receive: Receive, send: Send, admitted: Admitted, jobs: bytes | list[bytes]
     ) -> None:
         """Push, then answer as the route and the middlewares around it would."""
         self.served += 1
         started = False
         try:
             try:
-                if isinstance(bodies, bytes):
-                    job_id = (await runtime.push(queue, bodies, opts, count_failure=method == "PUT")).encode()
-                    name = queue.encode()
-                    content = b'{"id":"%s","queue":"%s"}' % (job_id, name)
-                    headers = [(b"location", b"/j/%s/%s" % (name, job_id)), (b"content-length", b"%d" % len(content))]
+                if isinstance(jobs, bytes):
+                    job_id = await admitted.runtime.push(
+                        admitted.queue, jobs, admitted.opts, count_failure=admitted.count_failure
+                    )
+                    status, headers, content = self.created(admitted, job_id)
                 else:
-                    ids = await runtime.push_batch(queue, bodies, opts)
-                    content = orjson.dumps({"ids": ids, "queue": queue})
-                    headers = [(b"content-length", b"%d" % len(content))]
+                    ids = await admitted.runtime.push_batch(admitted.queue, jobs, admitted.opts)
+                    status, headers, content = self.created(admitted, ids)
             except Exception as exc:
-                handler = self._handler(exc)
-                if handler is None:  # pragma: no cover - a push raises BrokerError or RedisError
+                answer = await self.refused(scope, admitted, exc)
+                if answer is None:  # pragma: no cover - a push raises BrokerError or RedisError
                     raise
-                response = await handler(Request(scope, receive), exc)
-                headers = [*response.raw_headers]
-                content = bytes(response.body)
-                status = response.status_code
-            else:
-                status = 201
-                headers.append(CONTENT_TYPE)
-            if self.cors:
-                headers.append(VARY)
-            headers.append((b"x-request-id", request_id.encode()))
+                status, headers, content = answer
             started = True
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": content})
@@ -264,6 +272,35 @@ class FastPush:
             if not started:
                 await response(scope, receive, send)
             raise
+
+    def created(self, admitted: Admitted, pushed: str | list[str]) -> Answer:
+        """The route's answer to a push that worked: the job's id, or the batch's ids."""
+        name = admitted.queue
+        if isinstance(pushed, str):
+            job_id = pushed.encode()
+            content = b'{"id":"%s","queue":"%s"}' % (job_id, name.encode())
+            headers = [(b"location", b"/j/%s/%s" % (name.encode(), job_id)), (b"content-length", b"%d" % len(content))]
+        else:
+            content = orjson.dumps({"ids": pushed, "queue": name})
+            headers = [(b"content-length", b"%d" % len(content))]
+        headers.append(CONTENT_TYPE)
+        return 201, self._finish(headers, admitted), content
+
+    async def refused(self, scope: Scope, admitted: Admitted, exc: Exception) -> Answer | None:
+        """The app's exception handler's answer to what a push raised (``scope``: the request's);
+        None when no handler takes it (ServerErrorMiddleware's case)."""
+        handler = self._handler(exc)
+        if handler is None:  # pragma: no cover - a push raises BrokerError or RedisError
+            return None
+        response = await handler(Request(scope), exc)
+        return response.status_code, self._finish([*response.raw_headers], admitted), bytes(response.body)
+
+    def _finish(self, headers: list[tuple[bytes, bytes]], admitted: Admitted) -> list[tuple[bytes, bytes]]:
+        """What the middlewares add: CORS's ``Vary``, then the request id."""
+        if self.cors:
+            headers.append(VARY)
+        headers.append((b"x-request-id", admitted.request_id.encode()))
+        return headers
 
     def _handler(self, exc: Exception) -> Handler | None:
         for cls in type(exc).__mro__:

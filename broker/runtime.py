@@ -96,10 +96,16 @@ class Runtime:
         return job_id
 
     def push_soon(
-        self, queue: str, body: bytes, opts: PushOptions, done: Callable[[str | BaseException], None]
+        self,
+        queue: str,
+        body: bytes,
+        opts: PushOptions,
+        done: Callable[[str | BaseException], None],
+        *,
+        count_failure: bool = False,
     ) -> None:
         """:meth:`push` without a task to await it: ``done(job_id or exception)`` is called later."""
-        self.pusher.submit_soon(f"0{queue}", (body, opts, False), done)
+        self.pusher.submit_soon(f"{int(count_failure)}{queue}", (body, opts, count_failure), done)
 
     async def push_batch(self, queue: str, bodies: Sequence[bytes], opts: PushOptions) -> list[str]:
         """Push a batch atomically and in order with the queue's other pushes; returns the ids."""

@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from broker.config import Settings
+from broker.httpproto import LeanHttpProtocol
 from broker.wsproto import BatchingWebSocketProtocol
 
 log = logging.getLogger("presque.server")
@@ -41,7 +42,8 @@ def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int, **over
         "host": host,
         "port": port,
         "loop": "auto",
-        "http": "auto",
+        # uvicorn's httptools protocol, answering plain pushes without the ASGI machinery.
+        "http": LeanHttpProtocol,
         # uvicorn's sans-I/O protocol, plus one write for all the frames a connection has queued.
         "ws": BatchingWebSocketProtocol,
         "lifespan": "on",

@@ -389,23 +389,30 @@ class RunningBroker:
 
 @contextlib.asynccontextmanager
 async def run_broker(
-    settings: Settings, *, port: int | None = None, timeout: float = 10.0, ws: Any = None
+    settings: Settings, *, port: int | None = None, timeout: float = 10.0, ws: Any = None, http: Any = None
 ) -> AsyncIterator[RunningBroker]:
     """Serve ``create_app(settings)`` on uvicorn inside the test's own event loop.
 
     Faster than :class:`BrokerServer` and lets the test reach ``app.state``; use the subprocess
-    for kill/restart tests. ``ws``: uvicorn's WebSocket implementation, by default the broker's
-    own (``broker.wsproto``, as ``presque serve`` uses).
+    for kill/restart tests. ``ws`` and ``http``: uvicorn's WebSocket and HTTP implementations, by
+    default the broker's own (``broker.wsproto``, ``broker.httpproto``, as ``presque serve`` uses).
     """
     import uvicorn
 
     from broker.app import create_app  # imported late: tests of other modules need not import the app
+    from broker.httpproto import LeanHttpProtocol
     from broker.wsproto import BatchingWebSocketProtocol
 
     port = port or free_port()
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", ws=ws or BatchingWebSocketProtocol
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        ws=ws or BatchingWebSocketProtocol,
+        http=http or LeanHttpProtocol,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -6,6 +6,10 @@ before the lean path). Both share one runtime and one Redis, so every request of
 and bad ones is sent to both and the answers compared: status, every header in order (but
 ``date``), body — with job ids and generated request ids replaced by placeholders. The lean path's
 ``served`` count tells which requests it answered itself and which it handed to the app.
+
+Every test runs twice: the broker served by uvicorn's own httptools protocol (the lean path as an
+ASGI app) and by the broker's (``broker.httpproto``, which answers the requests it can below ASGI;
+its ``served_below`` count tells which).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pytest
 import uvicorn
 
 from broker.app import BrokerApp
+from broker.httpproto import LeanHttpProtocol
 from tests.servers import RedisServer, free_port, make_settings, run_broker, wait_for
 
 pytestmark = pytest.mark.core
@@ -42,13 +47,21 @@ class Twin:
     app: BrokerApp
     fast: httpx.AsyncClient
     routed: httpx.AsyncClient
+    below: bool  # served by broker.httpproto, which serves what it can below ASGI
+    server: uvicorn.Server  # the broker's
+
+
+@pytest.fixture(params=["httptools", "lean"])
+def protocol(request: pytest.FixtureRequest) -> Any:
+    """uvicorn's HTTP implementation for the broker: its own, or the broker's (``presque serve``)."""
+    return LeanHttpProtocol if request.param == "lean" else request.param
 
 
 @contextlib.asynccontextmanager
-async def twin(redis_url: str, **sections: dict[str, Any]) -> AsyncIterator[Twin]:
+async def twin(redis_url: str, protocol: Any, **sections: dict[str, Any]) -> AsyncIterator[Twin]:
     """The broker, and its app served a second time without the lean path."""
     settings = make_settings(redis_url, {"limits": LIMITS, **sections})
-    async with run_broker(settings) as running:
+    async with run_broker(settings, http=protocol) as running:
         app = running.app
         assert isinstance(app, BrokerApp)
         port = free_port()
@@ -63,7 +76,7 @@ async def twin(redis_url: str, **sections: dict[str, Any]) -> AsyncIterator[Twin
                 httpx.AsyncClient(base_url=running.url, timeout=10.0) as fast,
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as routed,
             ):
-                yield Twin(app, fast, routed)
+                yield Twin(app, fast, routed, protocol is LeanHttpProtocol, running.server)
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, 10)
@@ -103,13 +116,16 @@ async def send(client: httpx.AsyncClient, case: Case) -> httpx.Response:
 async def compare(t: Twin, cases: list[Case]) -> int:
     """Send each case to both servers, compare the answers; returns the jobs pushed to ``fp``."""
     pushed = 0
+    fp = t.app.fast_push
     for case in cases:
-        before = t.app.fast_push.served
+        before, below = fp.served, fp.served_below
         fast = await send(t.fast, case)
-        assert t.app.fast_push.served - before == int(case.served), f"served by the lean path? {case}"
+        assert fp.served - before == int(case.served), f"served by the lean path? {case}"
+        # Below ASGI: every request it serves but those with a chunked body.
+        assert fp.served_below - below == int(case.served and t.below and isinstance(case.content, bytes)), str(case)
         routed = await send(t.routed, case)
         assert answer(fast) == answer(routed), str(case)
-        assert t.app.fast_push.served - before == int(case.served)
+        assert fp.served - before == int(case.served)
         if fast.status_code == 201 and case.path.endswith("/fp"):
             pushed += 2 * len(fast.json().get("ids", [None]))
     return pushed
@@ -185,8 +201,8 @@ BAD = [
 ]
 
 
-async def test_good_and_bad_requests_answer_alike(redis_url: str) -> None:
-    async with twin(redis_url) as t:
+async def test_good_and_bad_requests_answer_alike(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol) as t:
         await t.routed.get("/health")  # the app builds its middleware stack: the lean path starts
         pushed = await compare(t, GOOD + BAD)
         assert pushed == 2 * (13 + 3 + 1 + 2)
@@ -194,8 +210,8 @@ async def test_good_and_bad_requests_answer_alike(redis_url: str) -> None:
         assert (await t.fast.get("/j/a.b:c-d_e")).json()["pushed"] == 2
 
 
-async def test_uniq_clash_answers_alike(redis_url: str) -> None:
-    async with twin(redis_url) as t:
+async def test_uniq_clash_answers_alike(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol) as t:
         await t.routed.get("/health")
         first = await t.fast.post("/q/u", content=b"1", params={"uniq": "k"})
         assert first.status_code == 201
@@ -206,8 +222,8 @@ async def test_uniq_clash_answers_alike(redis_url: str) -> None:
         assert response.headers["x-request-id"]
 
 
-async def test_pushed_jobs_are_stored_as_sent(redis_url: str) -> None:
-    async with twin(redis_url) as t:
+async def test_pushed_jobs_are_stored_as_sent(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol) as t:
         await t.routed.get("/health")
         pushed = await t.fast.post("/q/st", content=b'{"a" : 1}', params={"priority": 9})
         assert pushed.status_code == 201
@@ -221,11 +237,11 @@ async def test_pushed_jobs_are_stored_as_sent(redis_url: str) -> None:
         assert (await t.fast.get("/qb/st", params={"batch_size": 5})).content == b'[{"b":2},"c"]'  # re-encoded
 
 
-async def test_auth_answers_alike(redis_url: str) -> None:
+async def test_auth_answers_alike(redis_url: str, protocol: Any) -> None:
     def bearer(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
-    async with twin(redis_url, auth=TOKENS) as t:
+    async with twin(redis_url, protocol, auth=TOKENS) as t:
         await t.routed.get("/health")
         await compare(
             t,
@@ -245,8 +261,8 @@ async def test_auth_answers_alike(redis_url: str) -> None:
         )
 
 
-async def test_cors_answers_alike(redis_url: str) -> None:
-    async with twin(redis_url, server={"cors_origins": ["https://app.example"]}) as t:
+async def test_cors_answers_alike(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol, server={"cors_origins": ["https://app.example"]}) as t:
         await t.routed.get("/health")
         await compare(
             t,
@@ -264,9 +280,10 @@ async def test_cors_answers_alike(redis_url: str) -> None:
         assert cross.headers["access-control-allow-origin"] == "https://app.example"
 
 
-async def test_requests_in_progress_count_for_both_paths(redis_url: str) -> None:
+@pytest.mark.parametrize("length", [False, True], ids=["chunked", "content-length"])
+async def test_requests_in_progress_count_for_both_paths(redis_url: str, protocol: Any, length: bool) -> None:
     """A push whose body is still arriving holds a request slot, as through AccessMiddleware."""
-    async with twin(redis_url, limits={**LIMITS, "max_connections": 1}) as t:
+    async with twin(redis_url, protocol, limits={**LIMITS, "max_connections": 1}) as t:
         await t.routed.get("/health")
         sending = asyncio.Event()
         release = asyncio.Event()
@@ -277,7 +294,9 @@ async def test_requests_in_progress_count_for_both_paths(redis_url: str) -> None
             await release.wait()
             yield b"]"
 
-        slow_push = asyncio.create_task(t.fast.post("/q/slots", content=slow()))
+        headers = {"Content-Length": "3"} if length else {}
+        below = t.app.fast_push.served_below
+        slow_push = asyncio.create_task(t.fast.post("/q/slots", content=slow(), headers=headers))
         await asyncio.wait_for(sending.wait(), 10)
         gate = t.app.fast_push.gate
         assert gate is not None
@@ -287,13 +306,14 @@ async def test_requests_in_progress_count_for_both_paths(redis_url: str) -> None
         release.set()
         assert (await slow_push).status_code == 201
         assert gate.in_flight == 0
+        assert t.app.fast_push.served_below - below == int(length and t.below)
         assert (await t.fast.post("/q/slots", content=b"1")).status_code == 201
         assert (await t.fast.get("/j/slots")).json()["pushed"] == 2
 
 
-async def test_redis_down_answers_alike(make_redis_server: Callable[..., RedisServer]) -> None:
+async def test_redis_down_answers_alike(make_redis_server: Callable[..., RedisServer], protocol: Any) -> None:
     server = make_redis_server()
-    async with twin(server.url) as t:
+    async with twin(server.url, protocol) as t:
         await t.routed.get("/health")
         server.stop()
         await compare(
@@ -319,8 +339,8 @@ async def call(app: Any, scope: dict[str, Any], body: bytes) -> list[dict[str, A
     return sent
 
 
-async def test_a_request_under_a_root_path_goes_to_the_app(redis_url: str) -> None:
-    async with twin(redis_url) as t:
+async def test_a_request_under_a_root_path_goes_to_the_app(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol) as t:
         await t.routed.get("/health")
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
@@ -343,8 +363,8 @@ async def test_a_request_under_a_root_path_goes_to_the_app(redis_url: str) -> No
         assert fast[1]["body"] == routed[1]["body"] == b'{"error":"not found"}'
 
 
-async def test_a_client_gone_mid_body_pushes_nothing(redis_url: str) -> None:
-    async with twin(redis_url) as t:
+async def test_a_client_gone_mid_body_pushes_nothing(redis_url: str, protocol: Any) -> None:
+    async with twin(redis_url, protocol) as t:
         await t.routed.get("/health")
         server = t.fast.base_url
         assert server.host is not None and server.port is not None
