@@ -150,8 +150,14 @@ class QueueService:
         """
         await self.remember(queue)
         args: list[Any] = [keys.wake_channel(queue), int(count_failure), int(all_or_nothing)]
+        # push.lua's grouped layout: the options once per run of jobs sharing them (a batch, or
+        # coalesced pushes without options share one), then id and body of each job.
+        last: PushOptions | None = None
         for body, opts in jobs:
-            args += [new_job_id(), body, opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+            if opts is not last and opts != last:
+                args += ["", opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+                last = opts
+            args += [new_job_id(), body]
         raw = await self.scripts.push(keys=keys.queue_keys(queue).all(), args=args)
         out: list[str | JobExists] = []
         for item in raw:

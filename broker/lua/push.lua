@@ -3,8 +3,11 @@
 --         delayed job becomes the earliest one: the payload is then its run_at)
 -- ARGV[2] 1 to count each job as a failure too (presque's PUT "re-queue after failure")
 -- ARGV[3] 1 when this call is part of a batch push that must be all-or-nothing on uniq conflicts
--- ARGV[4..] 7 fields per job: id, body, priority, delay seconds, ttl seconds (0 = none),
---           uniq key ('' = none), max_attempts
+-- ARGV[4..] the jobs, in either of two layouts:
+--   grouped (ARGV[4] is ''): groups of jobs sharing their options, each an options record
+--           '', priority, delay seconds, ttl seconds (0 = none), uniq key ('' = none),
+--           max_attempts, then id, body of each job of the group (ids are never '');
+--   flat: 7 fields per job: id, body, priority, delay, ttl, uniq, max_attempts.
 -- Returns one entry per job: its id, or '!' .. id of the existing job holding its uniq key.
 -- The broker mints ids before the first try, so an id that is already known means this call is
 -- the retry of one that ran but whose reply was lost (connection dropped): that job is not
@@ -12,30 +15,49 @@
 -- more and would be pushed again; the retry follows the lost reply at once, so this is rare.)
 --
 -- Cost: this script runs for every pushed job, and Redis's CPU is what bounds a batch push
--- (docs/performance.md). Per job it only indexes ARGV, concatenates strings and formats two
--- integers with '%d': number parsing (tonumber: strtod, twice) and '%g' formatting (glibc's
--- printf_fp) were most of its instructions, so options are parsed once per run of jobs sharing
--- them (a batch shares all of them), and numbers go to redis.call as strings (Redis would
--- format a Lua number with '%.17g').
+-- (docs/performance.md). Per job it only indexes ARGV, concatenates strings and looks up two
+-- digits: number parsing (tonumber: strtod, twice) and '%g' formatting (glibc's printf_fp) were
+-- most of its instructions, so options are parsed once per run of jobs sharing them, integers
+-- are formatted with '%d' once per hundred (split below), and numbers go to redis.call as
+-- strings (Redis would format a Lua number with '%.17g'). Each argument costs Redis a parse, a
+-- Lua string and a free: the grouped layout sends 2 per job instead of 7.
 local nargs = #ARGV
-local job_ids, n = {}, 0
-for i = 4, nargs, 7 do
-  n = n + 1
-  job_ids[n] = ARGV[i]
+-- Job j: its id is ARGV[at[j]], its body the next one; its options start at ARGV[opt[j]]
+-- (priority, delay, ttl, uniq, max_attempts). The flat layout needs no tables: 7j - 3 and 7j - 1.
+local grouped = ARGV[4] == ''
+local at, opt, job_ids, n = {}, {}, {}, 0
+if grouped then
+  local i, o = 4, nil
+  while i <= nargs do
+    if ARGV[i] == '' then
+      o = i + 1
+      i = i + 6
+    else
+      n = n + 1
+      at[n] = i
+      opt[n] = o
+      job_ids[n] = ARGV[i]
+      i = i + 2
+    end
+  end
+else
+  for i = 4, nargs, 7 do
+    n = n + 1
+    job_ids[n] = ARGV[i]
+  end
 end
 local known = redis.call('HMGET', K_META, unpack(job_ids))
 local out, accepted, taken = {}, {}, {}
 local n_accepted, conflict = 0, false
-local j = 0
-for i = 4, nargs, 7 do
-  j = j + 1
-  local id, uniq = ARGV[i], ARGV[i + 5]
+for j = 1, n do
+  local id, uniq = job_ids[j], nil
+  if grouped then uniq = ARGV[opt[j] + 3] else uniq = ARGV[7 * j + 2] end
   out[j] = id
   if known[j] then
     -- pushed by the first try of this call
   elseif uniq == '' then
     n_accepted = n_accepted + 1
-    accepted[n_accepted] = i
+    accepted[n_accepted] = j
   else
     local existing = taken[uniq] or redis.call('HGET', K_UNIQ, uniq)
     if existing then
@@ -44,7 +66,7 @@ for i = 4, nargs, 7 do
     else
       taken[uniq] = id
       n_accepted = n_accepted + 1
-      accepted[n_accepted] = i
+      accepted[n_accepted] = j
     end
   end
 end
@@ -96,10 +118,16 @@ local last_priority, last_delay, last_ttl, last_max -- the ARGV strings `head`..
 local head, mid, score_base, run_at, run_at_score, expire_score, is_delayed
 local seq_head, seq_lo, seq_tail = '', 99, '' -- lo 99: the first job splits
 local score_head, score_lo, score_tail
+local last_opt
 for k = 1, n_accepted do
-  local i = accepted[k]
-  local id, uniq = ARGV[i], ARGV[i + 5]
-  local p, d, t, m = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 6]
+  local j = accepted[k]
+  local id, o, body = job_ids[j], nil, nil
+  if grouped then
+    o, body = opt[j], ARGV[at[j] + 1]
+  else
+    o, body = 7 * j - 1, ARGV[7 * j - 2]
+  end
+  local uniq = ARGV[o + 3]
   seq = seq + 1
   if seq_lo < 99 then
     seq_lo = seq_lo + 1
@@ -107,7 +135,12 @@ for k = 1, n_accepted do
   else
     seq_head, seq_lo, seq_tail = split(seq, true)
   end
-  if p ~= last_priority or d ~= last_delay or t ~= last_ttl or m ~= last_max then
+  local p, d, t, m
+  if o ~= last_opt then
+    last_opt = o
+    p, d, t, m = ARGV[o], ARGV[o + 1], ARGV[o + 2], ARGV[o + 4]
+  end
+  if p and (p ~= last_priority or d ~= last_delay or t ~= last_ttl or m ~= last_max) then
     last_priority, last_delay, last_ttl, last_max = p, d, t, m
     local priority, delay, ttl = tonumber(p), tonumber(d), tonumber(t)
     run_at = now + delay
@@ -137,7 +170,7 @@ for k = 1, n_accepted do
   local uniq_json = '""'
   if uniq ~= '' then uniq_json = cjson.encode(uniq) end
   bodies[nb + 1] = id
-  bodies[nb + 2] = ARGV[i + 1]
+  bodies[nb + 2] = body
   nb = nb + 2
   metas[nm + 1] = id
   metas[nm + 2] = head .. seq_head .. seq_tail .. mid .. uniq_json .. ',"",0,"",0]'
