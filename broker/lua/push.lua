@@ -9,10 +9,14 @@
 --           max_attempts, then id, body of each job of the group (ids are never '');
 --   flat: 7 fields per job: id, body, priority, delay, ttl, uniq, max_attempts.
 -- Returns one entry per job: its id, or '!' .. id of the existing job holding its uniq key.
--- The broker mints ids before the first try, so an id that is already known means this call is
--- the retry of one that ran but whose reply was lost (connection dropped): that job is not
--- pushed twice. (A job of the first try already fetched destructively by then is not known any
--- more and would be pushed again; the retry follows the lost reply at once, so this is rare.)
+-- The broker mints ids before the first try, so a call whose ids are already known is the
+-- resend of one that ran but whose reply was lost (redis-py resends after a dropped connection;
+-- the broker's own pipe never does): its jobs are not pushed twice. A job with a uniq key was
+-- pushed by the first try if it holds its key; the others were all pushed by it or none was,
+-- so one of them (the last: a batch's last to be consumed) tells for all, instead of a look-up
+-- per job. (If that job was consumed between the two tries, its call's other jobs without uniq
+-- key are pushed again, as the consumed one itself would be in any case; the resend follows
+-- the lost reply at once, so this is rare.)
 --
 -- Cost: this script runs for every pushed job, and Redis's CPU is what bounds a batch push
 -- (docs/performance.md). Per job it only indexes ARGV, concatenates strings and looks up two
@@ -26,6 +30,7 @@ local nargs = #ARGV
 -- (priority, delay, ttl, uniq, max_attempts). The flat layout needs no tables: 7j - 3 and 7j - 1.
 local grouped = ARGV[4] == ''
 local at, opt, job_ids, n = {}, {}, {}, 0
+local probe -- the last job without uniq key
 if grouped then
   local i, o = 4, nil
   while i <= nargs do
@@ -37,6 +42,7 @@ if grouped then
       at[n] = i
       opt[n] = o
       job_ids[n] = ARGV[i]
+      if ARGV[o + 3] == '' then probe = n end
       i = i + 2
     end
   end
@@ -44,23 +50,26 @@ else
   for i = 4, nargs, 7 do
     n = n + 1
     job_ids[n] = ARGV[i]
+    if ARGV[i + 5] == '' then probe = n end
   end
 end
-local known = redis.call('HMGET', K_META, unpack(job_ids))
+local resent = probe ~= nil and redis.call('HEXISTS', K_META, job_ids[probe]) == 1
 local out, accepted, taken = {}, {}, {}
 local n_accepted, conflict = 0, false
 for j = 1, n do
   local id, uniq = job_ids[j], nil
   if grouped then uniq = ARGV[opt[j] + 3] else uniq = ARGV[7 * j + 2] end
   out[j] = id
-  if known[j] then
-    -- pushed by the first try of this call
-  elseif uniq == '' then
-    n_accepted = n_accepted + 1
-    accepted[n_accepted] = j
+  if uniq == '' then
+    if not resent then
+      n_accepted = n_accepted + 1
+      accepted[n_accepted] = j
+    end
   else
     local existing = taken[uniq] or redis.call('HGET', K_UNIQ, uniq)
-    if existing then
+    if existing == id then
+      -- pushed by the first try of this call
+    elseif existing then
       out[j] = '!' .. existing
       conflict = true
     else
