@@ -29,9 +29,10 @@ local nargs = #ARGV
 -- Job j: its id is ARGV[at[j]], its body the next one; its options start at ARGV[opt[j]]
 -- (priority, delay, ttl, uniq, max_attempts). The flat layout needs no tables: 7j - 3 and 7j - 1.
 local grouped = ARGV[4] == ''
-local at, opt, job_ids, n = {}, {}, {}, 0
+local at, opt, job_ids, n = nil, nil, {}, 0
 local probe -- the last job without uniq key
 if grouped then
+  at, opt = {}, {}
   local i, o = 4, nil
   while i <= nargs do
     if ARGV[i] == '' then
