@@ -96,7 +96,8 @@ local earliest = nil
 -- next 99 integers take theirs from TWO_DIGITS. Numbers below 100, and seqs from 10^14 on (which
 -- '%.14g' writes in exponent form, as cjson would), are formatted whole, each time (lo = 99), as
 -- are all in a call of few jobs (the table would cost more than it saves).
-local TWO_DIGITS = n_accepted > 2 and {[0] = '00', '01', '02', '03', '04', '05', '06', '07', '08', '09', '10', '11',
+local TWO_DIGITS = n_accepted > 2 and {[0] = '00',
+  '01', '02', '03', '04', '05', '06', '07', '08', '09', '10', '11',
   '12', '13', '14', '15', '16', '17', '18', '19', '20', '21', '22', '23', '24', '25', '26', '27',
   '28', '29', '30', '31', '32', '33', '34', '35', '36', '37', '38', '39', '40', '41', '42', '43',
   '44', '45', '46', '47', '48', '49', '50', '51', '52', '53', '54', '55', '56', '57', '58', '59',
@@ -166,7 +167,8 @@ for k = 1, n_accepted do
       expire_score = string.format('%.17g', run_at + ttl)
     end
     head = '[' .. g14(priority) .. ','
-    mid = ',0,0,' .. g14(tonumber(m)) .. ',' .. now_text .. ',' .. run_at_text .. ',' .. expire_text .. ','
+    mid = ',0,0,' .. g14(tonumber(m)) .. ',' .. now_text .. ',' .. run_at_text .. ','
+      .. expire_text .. ','
     score_base = (9 - priority) * SEQ_SPAN
     score_head, score_lo, score_tail = split(score_base + seq, false)
   elseif not is_delayed then
