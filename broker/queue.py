@@ -152,8 +152,18 @@ class QueueService:
         """
         await self.remember(queue)
         args: list[Any] = [keys.wake_channel(queue), int(count_failure), int(all_or_nothing)]
-        for body, opts in jobs:
+        if len(jobs) == 1:  # push.lua's flat layout: for one job, an argument fewer
+            body, opts = jobs[0]
             args += [new_job_id(), body, opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+        else:
+            # The grouped layout: the options once per run of jobs sharing them (a batch, or
+            # coalesced pushes without options share one), then id and body of each job.
+            last: PushOptions | None = None
+            for body, opts in jobs:
+                if opts is not last and opts != last:
+                    args += ["", opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+                    last = opts
+                args += [new_job_id(), body]
         raw = await self.scripts.push(keys=keys.queue_keys(queue).all(), args=args)
         out: list[str | JobExists] = []
         for item in raw:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -20,7 +21,7 @@ from broker import keys
 from broker import queue as queue_module
 from broker.config import QueueLimit
 from broker.errors import JobExists, NoJob, StaleToken, UnknownJob
-from broker.models import JobState, PushOptions, new_job_id
+from broker.models import JobState, Meta, PushOptions, new_job_id
 from broker.queue import QueuePolicy, QueueService
 from tests.invariants import check_queue
 from tests.servers import RedisServer, wait_for
@@ -142,6 +143,14 @@ async def test_push_all_or_nothing_pushes_none_on_a_conflict(service: QueueServi
     assert len((await check_queue(redis, Q))["ready"]) == 3
 
 
+def push_args_of(queue: str, jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """push.lua's flat layout: 7 fields per job."""
+    args: list[Any] = [keys.wake_channel(queue), 0, 0]
+    for job in jobs:
+        args += job
+    return args
+
+
 def push_args(jobs: list[tuple[str, bytes, str]]) -> list[Any]:
     args: list[Any] = [keys.wake_channel(Q), 0, 0]
     for job_id, body, uniq in jobs:
@@ -180,6 +189,99 @@ async def test_push_retry_is_idempotent_when_some_jobs_conflicted(service: Queue
     assert await stats(redis) == {"pushed": 2}
     assert await redis.zrange(keys.queue_keys(Q).ready, 0, -1, withscores=True) == order_before
     await check_queue(redis, Q)
+
+
+def grouped_push_args(queue: str, jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """push.lua's grouped layout of ``jobs`` (id, body, priority, delay, ttl, uniq, max_attempts)."""
+    args: list[Any] = [keys.wake_channel(queue), 0, 0]
+    last = None
+    for job_id, body, *options in jobs:
+        if options != last:
+            args += ["", *options]
+            last = options
+        args += [job_id, body]
+    return args
+
+
+def mixed_jobs(count: int) -> list[tuple[Any, ...]]:
+    """Runs of jobs sharing their options, and odd ones between them."""
+    jobs: list[tuple[Any, ...]] = []
+    for i in range(count):
+        options: tuple[Any, ...] = (5, 0.0, 0.0, "", 5)
+        if i % 40 >= 30:
+            options = (
+                i % 10,
+                [0, 0.0, 1.5, 30][i % 4],
+                [0.0, 10, 2.25][i % 3],
+                f"u{i}" if i % 7 == 0 else "",
+                1 + i % 3,
+            )
+        jobs.append((new_job_id(), b"[%d]" % i, *options))
+    return jobs
+
+
+async def test_push_layouts_write_the_same_jobs(service: QueueService, redis: aioredis.Redis) -> None:
+    # The grouped layout (what QueueService sends) and the flat one write the same jobs. Each
+    # meta is what cjson would write; seqs run on across hundreds (push.lua takes the last two
+    # digits of consecutive integers from a table) and so do ready scores.
+    jobs = mixed_jobs(260)
+    for queue, args in (("flat", push_args_of("flat", jobs)), ("grouped", grouped_push_args("grouped", jobs))):
+        await redis.hset(keys.queue_keys(queue).stats, "pushed", 95)
+        ids = [x.decode() for x in await service.scripts.push(keys=keys.queue_keys(queue).all(), args=args)]
+        assert ids == [job[0] for job in jobs]
+        await check_queue(redis, queue)
+    flat, grouped = keys.queue_keys("flat"), keys.queue_keys("grouped")
+    assert await redis.hgetall(flat.body) == await redis.hgetall(grouped.body)
+    assert await redis.hgetall(flat.uniq) == await redis.hgetall(grouped.uniq)
+    for name in ("ready", "delayed", "expiry"):
+        assert [m for m, _ in await redis.zrange(getattr(flat, name), 0, -1, withscores=True)] == [
+            m for m, _ in await redis.zrange(getattr(grouped, name), 0, -1, withscores=True)
+        ]
+    assert await redis.zrange(flat.ready, 0, -1, withscores=True) == await redis.zrange(
+        grouped.ready, 0, -1, withscores=True
+    )
+    ready = dict(await redis.zrange(grouped.ready, 0, -1, withscores=True))
+    flat_metas, grouped_metas = await redis.hgetall(flat.meta), await redis.hgetall(grouped.meta)
+    roundtrip = "local out = {} for i, m in ipairs(ARGV) do out[i] = cjson.encode(cjson.decode(m)) end return out"
+    for seq, (job_id, _body, priority, delay, ttl, uniq, max_attempts) in enumerate(jobs, start=96):
+        raw = grouped_metas[job_id.encode()]
+        assert await redis.eval(roundtrip, 0, raw) == [raw]
+        meta = orjson.loads(raw)
+        assert meta[Meta.PRIORITY - 1 : Meta.MAX_ATTEMPTS] == [priority, seq, 0, 0, max_attempts]
+        assert meta[Meta.UNIQ - 1 :] == [uniq, "", 0, "", 0]
+        assert (meta[Meta.TTL - 1] > 0) == (ttl > 0)
+        flat_meta = orjson.loads(flat_metas[job_id.encode()])
+        assert flat_meta[: Meta.CREATED_AT - 1] == meta[: Meta.CREATED_AT - 1]
+        assert flat_meta[Meta.UNIQ - 1 :] == meta[Meta.UNIQ - 1 :]
+        if delay == 0:
+            assert ready[job_id.encode()] == (9 - priority) * 2**48 + seq
+
+
+async def test_push_retry_in_the_grouped_layout_pushes_once(service: QueueService, redis: aioredis.Redis) -> None:
+    holder = await push(service, b"0", uniq="taken")
+    jobs = [(new_job_id(), b"a", 5, 0, 0, "taken", 5), *[(new_job_id(), b"b", 5, 0, 0, "", 5) for _ in range(3)]]
+    args = grouped_push_args(Q, jobs)
+    qkeys = keys.queue_keys(Q).all()
+    first = await service.scripts.push(keys=qkeys, args=args)
+    again = await service.scripts.push(keys=qkeys, args=args)
+    assert [x.decode() for x in first] == [x.decode() for x in again] == [f"!{holder}"] + [j[0] for j in jobs[1:]]
+    assert await stats(redis) == {"pushed": 4}
+    await check_queue(redis, Q)
+
+
+async def test_push_resent_after_some_of_its_jobs_were_consumed(service: QueueService, redis: aioredis.Redis) -> None:
+    # A resend is told by the call's last job without uniq key: while it is there, none of the
+    # call's jobs is pushed again, not even those consumed in between.
+    jobs = [(new_job_id(), b"%d" % i, 5, 0, 0, "", 5) for i in range(3)]
+    args = grouped_push_args(Q, jobs)
+    qkeys = keys.queue_keys(Q).all()
+    await service.scripts.push(keys=qkeys, args=args)
+    taken = await service.fetch(Q, count=2)
+    assert [job.id for job in taken.jobs] == [jobs[0][0], jobs[1][0]]
+    again = await service.scripts.push(keys=qkeys, args=args)
+    assert [x.decode() for x in again] == [job[0] for job in jobs]
+    assert (await stats(redis))["pushed"] == 3
+    assert (await check_queue(redis, Q))["ready"] == {jobs[2][0]}
 
 
 async def test_push_delayed(service: QueueService, redis: aioredis.Redis) -> None:
