@@ -269,6 +269,21 @@ async def test_push_retry_in_the_grouped_layout_pushes_once(service: QueueServic
     await check_queue(redis, Q)
 
 
+async def test_push_resent_after_some_of_its_jobs_were_consumed(service: QueueService, redis: aioredis.Redis) -> None:
+    # A resend is told job by job: a job still there is not pushed again; one consumed in
+    # between (destructively: nothing is left of it) is, as at-least-once allows.
+    jobs = [(new_job_id(), b"%d" % i, 5, 0, 0, "", 5) for i in range(3)]
+    args = grouped_push_args(Q, jobs)
+    qkeys = keys.queue_keys(Q).all()
+    await service.scripts.push(keys=qkeys, args=args)
+    taken = await service.fetch(Q, count=2)
+    assert [job.id for job in taken.jobs] == [jobs[0][0], jobs[1][0]]
+    again = await service.scripts.push(keys=qkeys, args=args)
+    assert [x.decode() for x in again] == [job[0] for job in jobs]
+    assert (await stats(redis))["pushed"] == 5
+    assert (await check_queue(redis, Q))["ready"] == {job[0] for job in jobs}
+
+
 async def test_push_delayed(service: QueueService, redis: aioredis.Redis) -> None:
     before = await redis_now(redis)
     job_id = await push(service, delay=30)
