@@ -294,6 +294,8 @@ class QueueFeed:
         while self._claimed is not None:
             # A push is taking jobs for our subscribers: count their credit once it is dealt.
             await asyncio.shield(self._claimed)
+            if self._closing or not self.connections:
+                return False, 0.0  # the loop ends
         self._fetching = True
         try:
             return await self._fetch_all()
