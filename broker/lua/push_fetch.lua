@@ -27,5 +27,16 @@ for i = 6, #ARGV do push_args[i - 5] = ARGV[i] end
 
 local pushed = push_script(push_args, held)
 local fetched = fetch_script(fetch_args, real)
-if held_wake and real.call('EXISTS', K_READY) == 1 then real.call('PUBLISH', held_wake, '0') end
+if held_wake then
+  -- Whether ready jobs are left, as fetch.lua's reply tells it: '+' after jobs, nothing when empty.
+  local left
+  if fetched[1] == 1 then
+    left = fetched[2] == '+'
+  elseif fetched[1] == 0 then
+    left = false
+  else
+    left = real.call('EXISTS', K_READY) == 1 -- paused or limited: fetch did not look
+  end
+  if left then real.call('PUBLISH', held_wake, '0') end
+end
 return {pushed, fetched}
