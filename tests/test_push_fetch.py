@@ -256,3 +256,21 @@ async def test_a_fetch_waits_for_the_claim_in_flight(broker: RunningBroker, redi
         assert [job["id"] for job in got] == ids[:2]
         await client.ack(got[0])
         assert (await client.jobs(1))[0]["id"] == ids[2]
+
+
+async def test_a_failed_push_call_has_the_feed_look_again(broker: RunningBroker, redis: Any) -> None:
+    runtime = runtime_of(broker)
+    # A ready job the feed was not told of (paused when the feed first looked, resumed silently):
+    # as after a push_fetch call whose reply was lost, whose wake-up was held back.
+    await runtime.queues.pause(Q)
+    (job_id,) = await runtime.queues.push_many(Q, jobs(b"1"))
+    async with ws_connect(broker.ws_url) as client:
+        await client.call("subscribe", queue=Q, prefetch=2)
+        feed = runtime.delivery.feeds[Q]
+        await wait_for(lambda: feed._drained and not feed._fetching, 5)  # its first fetch: paused
+        await redis.hdel(keys.queue_keys(Q).state, "paused")
+        claim = feed.claim()
+        assert claim is not None
+        feed.settle(claim, None)
+        # Well before the feed's safety look (SAFETY_WAKE, 5 s).
+        assert (await client.jobs(1, timeout=2.0))[0]["id"] == job_id
