@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -30,6 +31,7 @@ from broker.stats import LatencyHistogram
 if TYPE_CHECKING:
     from broker.connection import Connection
     from broker.delivery import DeliveryHub
+    from broker.queue import FetchResult
 
 log = logging.getLogger("presque.feed")
 
@@ -46,6 +48,18 @@ SWEEP_MAX = 1000  # subscribers looked at in one pass: after a quiet spell the s
 FRAME_OVERHEAD = 160  # bytes of a job frame besides its body (op, queue, id, token, attempt)
 
 Group = tuple[bool, float]  # (manual ack, lease seconds): subscriptions one fetch can serve
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Leave to a push the fetch for ``group``: take up to ``count`` jobs in the push's own call."""
+
+    group: Group
+    count: int
+
+    @property
+    def lease(self) -> float:
+        return self.group[1]
 
 
 class QueueFeed:
@@ -78,6 +92,10 @@ class QueueFeed:
         self._turn = 0  # which group fetches first
         self._frame_size = FRAME_OVERHEAD  # running estimate of a job frame's size, in bytes
         self._task: asyncio.Task[None] | None = None
+        self._listening = False  # subscribed to the wake-up channel: what a fetch misses wakes us
+        self._fetching = False  # a fetch of ours is under way: its credit is spoken for
+        # A push's call is taking jobs for us (claim): our fetches wait for it to be settled.
+        self._claimed: asyncio.Future[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -135,6 +153,46 @@ class QueueFeed:
             if not self._drained:
                 self._wake.set()
 
+    def claim(self) -> Claim | None:
+        """Let a push of this process take jobs for a group of our subscribers with credit.
+
+        When our subscribers wait for work (no fetch of ours under way), a push to the queue can
+        take jobs from its head in the same script call (``QueueService.push_fetch``): the
+        wake-up it would publish and the fetch that would follow are saved, two of three round
+        trips to Redis. None when a fetch is under way or nobody has credit; otherwise the caller
+        must :meth:`settle` the claim, whatever happens to its call.
+        """
+        if self._claimed is not None or self._fetching or self._closing or not self._listening:
+            return None
+        self._look_at_reported()
+        for group, ring in self._wanted():
+            self._claimed = asyncio.get_running_loop().create_future()
+            return Claim(group, min(ring.total, MAX_FETCH))
+        return None
+
+    def settle(self, claim: Claim, result: FetchResult | None) -> None:
+        """The push of ``claim`` is done: deal what it took as if our own fetch had, or (None:
+        the call failed) look at the queue again."""
+        claimed, self._claimed = self._claimed, None
+        if claimed is not None and not claimed.done():
+            claimed.set_result(None)
+        if result is None:
+            self.wake()
+            return
+        if result.jobs:
+            # As from our fetch: jobs nobody can take now (their subscriber gone) are released.
+            self._deal(result.jobs, claim.group)
+        if result.next_run_at is not None and (self._next_run_at is None or result.next_run_at < self._next_run_at):
+            self._next_run_at = result.next_run_at
+            self.wake()  # the loop's wait must end by then
+        elif result.paused or ((result.jobs or result.empty) and not result.more):
+            # Nothing ready left (or paused: resume publishes a wake-up), as after our fetch.
+            self._drained = not self._wake.is_set()
+        else:
+            # Ready jobs left, a limit reached, or expired jobs popped: our loop's fetch knows
+            # what to make of each.
+            self.wake()
+
     def credit(self) -> dict[Group, int]:
         """The credit of each group of subscribers, as the next fetch will count it."""
         self._look_at_reported()
@@ -158,6 +216,7 @@ class QueueFeed:
         channel = keys.wake_channel(self.queue)
         # Subscribed (and confirmed) before the first fetch: a push after that fetch wakes us.
         await self.hub.runtime.notifier.subscribe(channel, self._on_wake)
+        self._listening = True
         try:
             while self.connections and not self._closing:
                 self._wake.clear()
@@ -178,6 +237,7 @@ class QueueFeed:
                     async with asyncio.timeout(wait):
                         await self._wake.wait()
         finally:
+            self._listening = False
             await self.hub.runtime.notifier.unsubscribe(channel, self._on_wake)
 
     def _wanted(self) -> list[tuple[Group, CreditRing[Connection]]]:
@@ -231,6 +291,18 @@ class QueueFeed:
 
     async def _deliver_once(self) -> tuple[bool, float]:
         """One fetch per group with credit. Returns (delivered anything, how long to wait)."""
+        while self._claimed is not None:
+            # A push is taking jobs for our subscribers: count their credit once it is dealt.
+            await asyncio.shield(self._claimed)
+            if self._closing or not self.connections:
+                return False, 0.0  # the loop ends
+        self._fetching = True
+        try:
+            return await self._fetch_all()
+        finally:
+            self._fetching = False
+
+    async def _fetch_all(self) -> tuple[bool, float]:
         self._look_at_reported()
         self._resync()
         rings = self._wanted()

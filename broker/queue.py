@@ -97,6 +97,63 @@ def _status_error(status: int) -> Exception | None:
     return None
 
 
+def _pushed(raw: list[Any]) -> list[str | JobExists]:
+    """push.lua's reply: per job its id, or a JobExists naming the job that holds its uniq key."""
+    out: list[str | JobExists] = []
+    for item in raw:
+        text = _s(item)
+        out.append(JobExists(text[1:]) if text.startswith("!") else text)
+    return out
+
+
+def _push_args(
+    queue: str, jobs: Sequence[tuple[bytes, PushOptions]], count_failure: bool, all_or_nothing: bool
+) -> list[Any]:
+    args: list[Any] = [keys.wake_channel(queue), int(count_failure), int(all_or_nothing)]
+    if len(jobs) == 1:  # push.lua's flat layout: for one job, an argument fewer
+        body, opts = jobs[0]
+        args += [new_job_id(), body, opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+    else:
+        # The grouped layout: the options once per run of jobs sharing them (a batch, or
+        # coalesced pushes without options share one), then id and body of each job.
+        last: PushOptions | None = None
+        for body, opts in jobs:
+            if opts is not last and opts != last:
+                args += ["", opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
+                last = opts
+            args += [new_job_id(), body]
+    return args
+
+
+def _fetched(queue: str, raw: list[Any]) -> FetchResult:
+    """fetch.lua's reply."""
+    status, hint = int(raw[0]), _s(raw[1])
+    if status == -1:
+        return FetchResult([], paused=True)
+    if status == -2:
+        return FetchResult([], limited=True, retry_in=float(hint))
+    if status == -3:
+        return FetchResult([], limited=True)
+    if status == 0:
+        return FetchResult([], empty=True, next_run_at=float(hint) if hint else None)
+    jobs = []
+    for i in range(2, len(raw), 5):
+        token = _s(raw[i + 1])
+        jobs.append(
+            Delivery(
+                id=_s(raw[i]),
+                queue=queue,
+                body=raw[i + 3],
+                attempt=int(raw[i + 2]),
+                token=token or None,
+                latency=_f(raw[i + 4]),
+            )
+        )
+    if hint == "+":
+        return FetchResult(jobs, more=True)
+    return FetchResult(jobs, next_run_at=float(hint) if hint else None)
+
+
 class QueueService:
     """Queue operations on one Redis deployment. Safe to share by every request of a process.
 
@@ -151,25 +208,27 @@ class QueueService:
             Per job, its new id, or a JobExists naming the job that holds its uniq key.
         """
         await self.remember(queue)
-        args: list[Any] = [keys.wake_channel(queue), int(count_failure), int(all_or_nothing)]
-        if len(jobs) == 1:  # push.lua's flat layout: for one job, an argument fewer
-            body, opts = jobs[0]
-            args += [new_job_id(), body, opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
-        else:
-            # The grouped layout: the options once per run of jobs sharing them (a batch, or
-            # coalesced pushes without options share one), then id and body of each job.
-            last: PushOptions | None = None
-            for body, opts in jobs:
-                if opts is not last and opts != last:
-                    args += ["", opts.priority, opts.delay, opts.ttl, opts.uniq, opts.max_attempts]
-                    last = opts
-                args += [new_job_id(), body]
-        raw = await self.scripts.push(keys=keys.queue_keys(queue).all(), args=args)
-        out: list[str | JobExists] = []
-        for item in raw:
-            text = _s(item)
-            out.append(JobExists(text[1:]) if text.startswith("!") else text)
-        return out
+        args = _push_args(queue, jobs, count_failure, all_or_nothing)
+        return _pushed(await self.scripts.push(keys=keys.queue_keys(queue).all(), args=args))
+
+    async def push_fetch(
+        self,
+        queue: str,
+        jobs: Sequence[tuple[bytes, PushOptions]],
+        *,
+        count: int,
+        lease: float = 0.0,
+        count_failure: bool = False,
+    ) -> tuple[list[str | JobExists], FetchResult]:
+        """:meth:`push_many`, then :meth:`fetch` of up to ``count`` jobs, in one atomic call.
+
+        For a broker whose subscribers wait for work: the wake-up of the push and the fetch it
+        would cause are saved (``push_fetch.lua``).
+        """
+        await self.remember(queue)
+        args = self._fetch_args(queue, count, lease) + _push_args(queue, jobs, count_failure, False)
+        pushed, fetched = await self.scripts.push_fetch(keys=keys.queue_keys(queue).all(), args=args)
+        return _pushed(pushed), _fetched(queue, fetched)
 
     async def push(self, queue: str, body: bytes, opts: PushOptions, *, count_failure: bool = False) -> str:
         """Push one job and return its id; raises JobExists on a uniq conflict."""
@@ -182,40 +241,18 @@ class QueueService:
 
     async def fetch(self, queue: str, *, count: int = 1, lease: float = 0.0) -> FetchResult:
         """Take up to ``count`` jobs, leased for ``lease`` seconds, or destructively if 0."""
+        args = self._fetch_args(queue, count, lease)
+        return _fetched(queue, await self.scripts.fetch(keys=keys.queue_keys(queue).all(), args=args))
+
+    def _fetch_args(self, queue: str, count: int, lease: float) -> list[Any]:
         limit = self.limit_for(queue)
-        args = [
+        return [
             count,
             lease,
             new_token_prefix(),
             (limit.max_inflight or 0) if limit else 0,
             (limit.rate or 0) if limit else 0,
         ]
-        raw = await self.scripts.fetch(keys=keys.queue_keys(queue).all(), args=args)
-        status, hint = int(raw[0]), _s(raw[1])
-        if status == -1:
-            return FetchResult([], paused=True)
-        if status == -2:
-            return FetchResult([], limited=True, retry_in=float(hint))
-        if status == -3:
-            return FetchResult([], limited=True)
-        if status == 0:
-            return FetchResult([], empty=True, next_run_at=float(hint) if hint else None)
-        jobs = []
-        for i in range(2, len(raw), 5):
-            token = _s(raw[i + 1])
-            jobs.append(
-                Delivery(
-                    id=_s(raw[i]),
-                    queue=queue,
-                    body=raw[i + 3],
-                    attempt=int(raw[i + 2]),
-                    token=token or None,
-                    latency=_f(raw[i + 4]),
-                )
-            )
-        if hint == "+":
-            return FetchResult(jobs, more=True)
-        return FetchResult(jobs, next_run_at=float(hint) if hint else None)
 
     async def fetch_one(self, queue: str, *, lease: float = 0.0) -> Delivery:
         """Take one job (HTTP ``GET /q/``); raises NoJob or QueueClosed."""

@@ -119,16 +119,35 @@ class Runtime:
 
     async def _flush_pushes(self, key: str, items: Sequence[PushItem]) -> list[str | BaseException]:
         queue, count_failure = key[1:], key[0] == "1"
-        results: list[str | BaseException] = list(
-            await self.queues.push_many(queue, [(body, opts) for body, opts, _ in items], count_failure=count_failure)
-        )
+        jobs = [(body, opts) for body, opts, _ in items]
+        feed = self.delivery.feeds.get(queue)
+        claim = feed.claim() if feed is not None else None
+        if feed is None or claim is None:
+            results: list[str | BaseException] = list(
+                await self.queues.push_many(queue, jobs, count_failure=count_failure)
+            )
+            self._emit_pushed(queue, results)
+            return results
+        # This process's subscribers wait for work: the same call takes it for them.
+        try:
+            pushed, fetched = await self.queues.push_fetch(
+                queue, jobs, count=claim.count, lease=claim.lease, count_failure=count_failure
+            )
+        except BaseException:
+            feed.settle(claim, None)
+            raise
+        results = list(pushed)
+        self._emit_pushed(queue, results)
+        feed.settle(claim, fetched)
+        return results
+
+    def _emit_pushed(self, queue: str, results: list[str | BaseException]) -> None:
         # Emitted here, in the step that reads the reply, and not by each caller once its future
         # has woken it: a fetch whose reply came in the same read (the script pipe carries many
         # calls at once) could otherwise deal the job, and emit "delivered", first.
         pushed: list[EventItem] = [(job_id, "pushed", None) for job_id in results if isinstance(job_id, str)]
         if pushed:
             self.delivery.emit_events(queue, pushed)
-        return results
 
     async def ack(self, queue: str, job_id: str, token: str) -> None:
         """Acknowledge one job; concurrent acks on a queue share one Redis call."""

@@ -19,16 +19,24 @@ from broker.pipe import PipedScript, ScriptPipe
 
 LUA_PACKAGE = "broker.lua"
 # Called once or more per job: worth the pipe (docs/performance.md, item 1).
-HOT = frozenset({"push", "fetch", "ack", "release", "nack", "touch"})
+HOT = frozenset({"push", "fetch", "push_fetch", "ack", "release", "nack", "touch"})
+# Scripts that run others' bodies: each body is wrapped as a local function ``<name>_script(ARGV,
+# redis)`` in front of the script's own, which calls it with the ARGV (and the ``redis``) it
+# chooses. The bodies stay in one file each, and a change to one reaches every script that runs it.
+COMPOSED: dict[str, tuple[str, ...]] = {"push_fetch": ("push", "fetch")}
 
 
 @cache
 def script_source(name: str) -> str:
-    """The full source of ``lua/<name>.lua``, with the shared library in front."""
+    """The full source of ``lua/<name>.lua``, with the shared library (and the bodies it runs,
+    see :data:`COMPOSED`) in front."""
     lua = resources.files(LUA_PACKAGE)
-    lib = (lua / "_lib.lua").read_text(encoding="utf-8")
-    body = (lua / f"{name}.lua").read_text(encoding="utf-8")
-    return f"{lib}\n{body}"
+    parts = [(lua / "_lib.lua").read_text(encoding="utf-8")]
+    for inner in COMPOSED.get(name, ()):
+        body = (lua / f"{inner}.lua").read_text(encoding="utf-8")
+        parts.append(f"local function {inner}_script(ARGV, redis)\n{body}\nend")
+    parts.append((lua / f"{name}.lua").read_text(encoding="utf-8"))
+    return "\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Scripts:
 
     push: Any
     fetch: Any
+    push_fetch: Any
     ack: Any
     nack: Any
     touch: Any
