@@ -186,7 +186,7 @@ async def test_a_push_reaches_a_waiting_subscriber_without_a_wake_up(broker: Run
     async with ws_connect(broker.ws_url) as client, WakeWatch(redis, Q) as wakes:
         await client.call("subscribe", queue=Q, prefetch=5)
         feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching, 5)
+        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
         job_id = await runtime.push(Q, b'{"n":1}', PushOptions())
         (job,) = await client.jobs(1)
         assert job["id"] == job_id and job["attempt"] == 1 and job["token"]
@@ -216,12 +216,28 @@ async def test_without_credit_the_job_stays_ready_and_wakes_the_others(broker: R
         assert (await client.jobs(1))[0]["id"] == second
 
 
+async def test_only_a_drained_feed_lets_a_push_take_jobs(broker: RunningBroker, redis: Any) -> None:
+    # While the feed has ready jobs to look at, its own fetches serve the subscribers: a claim
+    # would hold them back until the push returns (docs/performance.md).
+    runtime = runtime_of(broker)
+    async with ws_connect(broker.ws_url) as client:
+        await client.call("subscribe", queue=Q, prefetch=5)
+        feed = runtime.delivery.feeds[Q]
+        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
+        feed._drained = False  # as after a wake-up, before the fetch it causes has looked
+        assert feed.claim() is None
+        feed._drained = True
+        claim = feed.claim()
+        assert claim is not None
+        feed.settle(claim, None)
+
+
 async def test_jobs_taken_for_a_subscriber_gone_before_the_deal_go_back(broker: RunningBroker, redis: Any) -> None:
     runtime = runtime_of(broker)
     async with ws_connect(broker.ws_url) as client:
         await client.call("subscribe", queue=Q, prefetch=5)
         feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching, 5)
+        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
         claim = feed.claim()
         assert claim is not None and claim.count == 5
         (job_id,), fetched = await runtime.queues.push_fetch(Q, jobs(b'"x"'), count=claim.count, lease=claim.lease)
@@ -246,7 +262,7 @@ async def test_a_fetch_waits_for_the_claim_in_flight(broker: RunningBroker, redi
     async with ws_connect(broker.ws_url) as client:
         await client.call("subscribe", queue=Q, prefetch=2)
         feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching, 5)
+        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
         claim = feed.claim()
         assert claim is not None and feed.claim() is None  # one claim at a time
         ids, fetched = await runtime.queues.push_fetch(Q, jobs(b"1", b"2", b"3"), count=claim.count, lease=claim.lease)
