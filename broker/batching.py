@@ -1,9 +1,17 @@
 """Coalescer: turns many concurrent single operations into one Redis call per key.
 
 Sixty-four clients each pushing one job are, to Redis, sixty-four round trips; collected while
-the previous call is in flight, they become one script call. Per key (a queue) at most one call
-is in flight, so the batch grows exactly as fast as Redis is slow — no timer, no added latency
-when the broker is idle (the first item is sent at once, on the next loop iteration).
+the previous call is in flight, they become one script call. Per key (a queue) one call is in
+flight, so the batch grows exactly as fast as Redis is slow — no timer, no added latency when
+the broker is idle (the first item is sent at once, on the next loop iteration).
+
+With one call in flight the broker and Redis take turns: Redis idles while the broker packs the
+next batch, the broker while Redis runs it. ``max_in_flight=2`` lets a second call go while the
+first runs, but only once ``min_overlap`` items wait: smaller second calls cost more per item
+than the overlap saves (docs/performance.md). Calls still reach Redis in submission order if
+each flush sends its call before it first waits, over one ordered connection (the script pipe,
+``broker/pipe.py``): a runner takes a batch and sends it in one step, so no other runner can
+send in between.
 """
 
 from __future__ import annotations
@@ -38,13 +46,22 @@ class Coalescer(Generic[Item, Result]):
     Args:
         flush: does the batched work; one result (or exception) per item, in order.
         max_batch: the most items one flush call gets (a larger group gets a call of its own).
+        max_in_flight: the most flush calls per key at once. Above 1, ``flush`` must send its
+            call before it first waits, or calls may reach Redis out of order.
+        min_overlap: the items that must wait before a call goes while another is in flight.
     """
 
-    def __init__(self, flush: Flush[Item, Result], max_batch: int = 500) -> None:
+    def __init__(
+        self, flush: Flush[Item, Result], max_batch: int = 500, max_in_flight: int = 1, min_overlap: int = 1
+    ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._min_overlap = min_overlap
         self._pending: dict[str, list[_Entry[Item, Result]]] = {}
-        self._busy: set[str] = set()
+        self._count: dict[str, int] = {}  # per key: items pending
+        self._runners: dict[str, int] = {}  # per key: runners alive, each with one call at most
+        self._starting: set[str] = set()  # keys with a runner yet to take its first batch
         self._drains: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     async def submit(self, key: str, item: Item) -> Result:
@@ -65,18 +82,25 @@ class Coalescer(Generic[Item, Result]):
         not raise (an exception is logged, and does not reach the other items of the batch).
         """
         self._pending.setdefault(key, []).append(([item], done))
-        if key not in self._busy:
-            self._start_drain(key)
+        self._count[key] = self._count.get(key, 0) + 1
+        self._wake(key)
 
     async def _enqueue(self, key: str, items: list[Item]) -> list[Result | BaseException]:
         future: asyncio.Future[list[Result | BaseException]] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(key, []).append((items, future))
-        if key not in self._busy:
-            self._start_drain(key)
+        self._count[key] = self._count.get(key, 0) + len(items)
+        self._wake(key)
         return await future
 
-    def _start_drain(self, key: str) -> None:
-        self._busy.add(key)
+    def _wake(self, key: str) -> None:
+        """Start a runner for ``key`` unless one is about to take the pending items anyway."""
+        runners = self._runners.get(key, 0)
+        if key in self._starting or runners >= self._max_in_flight:
+            return
+        if runners and self._count.get(key, 0) < self._min_overlap:
+            return
+        self._starting.add(key)
+        self._runners[key] = runners + 1
         task = asyncio.get_running_loop().create_task(self._drain(key))
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
@@ -85,17 +109,28 @@ class Coalescer(Generic[Item, Result]):
         try:
             # Yield once so that items submitted in the same loop iteration join the first batch.
             await asyncio.sleep(0)
+            self._starting.discard(key)
+            # ``_run`` runs the flush up to its first wait before this coroutine can be
+            # suspended: taking a batch and sending its call are one step.
             while batch := self._take(key):
+                if self._pending.get(key):  # enough left for a second call meanwhile?
+                    self._wake(key)
                 await self._run(key, batch)
         finally:
-            self._busy.discard(key)
-            if self._pending.get(key):  # submitted after the last take, before the discard
-                self._start_drain(key)
+            self._starting.discard(key)
+            left = self._runners[key] - 1
+            if left:
+                self._runners[key] = left
+            else:
+                del self._runners[key]
+            if self._pending.get(key):  # submitted after the last take, before this runner ended
+                self._wake(key)
 
     def _take(self, key: str) -> list[_Entry[Item, Result]]:
         pending = self._pending.get(key)
         if not pending:
             self._pending.pop(key, None)
+            self._count.pop(key, None)
             return []
         taken, size = 0, 0
         for items, _ in pending:
@@ -106,8 +141,10 @@ class Coalescer(Generic[Item, Result]):
         batch, rest = pending[:taken], pending[taken:]
         if rest:
             self._pending[key] = rest
+            self._count[key] -= size
         else:
             del self._pending[key]
+            self._count.pop(key, None)
         return batch
 
     async def _run(self, key: str, batch: list[_Entry[Item, Result]]) -> None:

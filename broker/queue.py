@@ -32,6 +32,7 @@ from broker.models import (
     new_job_id,
     new_token_prefix,
 )
+from broker.pipe import PipedScript
 from broker.scripts import Scripts
 
 # Chunk size of operations that walk a whole queue (purge, retry all): bounds how long one
@@ -174,6 +175,12 @@ class QueueService:
         self.scripts = Scripts.register(redis)
         self._limits = limits
         self._known: set[str] = set()
+        self._adding: dict[str, asyncio.Future[Any]] = {}
+
+    @property
+    def pipelined(self) -> bool:
+        """True when the hot scripts go through the script pipe, which sends calls in order."""
+        return isinstance(self.scripts.push, PipedScript)
 
     def limit_for(self, queue: str) -> QueueLimit | None:
         return self._limits(queue) if self._limits else None
@@ -182,8 +189,19 @@ class QueueService:
         """Add ``queue`` to the registry of queues (``/status/``, stats)."""
         # The queue registry is a global key (another Cluster slot than the queue's), so it
         # cannot be updated in the push script; SADD is idempotent and only sent once per process.
-        if queue not in self._known:
-            await self.redis.sadd(keys.QUEUES, queue)
+        if queue in self._known:
+            return
+        # One SADD for every push waiting for it; they resume in the order they began to wait,
+        # so two push calls in flight (batching.py) still reach Redis in order.
+        adding = self._adding.get(queue)
+        if adding is None:
+            adding = self._adding[queue] = asyncio.ensure_future(self.redis.sadd(keys.QUEUES, queue))
+            adding.add_done_callback(lambda done: self._added(queue, done))
+        await asyncio.shield(adding)
+
+    def _added(self, queue: str, done: asyncio.Future[Any]) -> None:
+        del self._adding[queue]
+        if not done.cancelled() and done.exception() is None:
             self._known.add(queue)
 
     # -- pushing --------------------------------------------------------------------------------

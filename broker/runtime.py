@@ -32,6 +32,7 @@ from broker.workers import WorkerRegistry
 log = logging.getLogger("presque.runtime")
 
 LATENCY_WINDOW_BEATS = 30  # the latency figures cover about the last 30 heartbeats
+OVERLAP_ITEMS = 100  # a second push call in flight only for this many waiting jobs (performance.md)
 
 PushItem = tuple[bytes, PushOptions, bool]  # body, options, count as failure
 
@@ -58,7 +59,14 @@ class Runtime:
         self.stats = Stats(redis, self.queues, self.workers)
         # The options of a push that sets none, shared by every such push.
         self.push_defaults = PushOptions(priority=q.default_priority, max_attempts=q.max_attempts)
-        self.pusher: Coalescer[PushItem, str] = Coalescer(self._flush_pushes, max_batch=settings.limits.max_batch)
+        # A second push call per queue while one runs, for big batches only, and only over the
+        # script pipe, which keeps calls in the order they were sent (batching.py).
+        self.pusher: Coalescer[PushItem, str] = Coalescer(
+            self._flush_pushes,
+            max_batch=settings.limits.max_batch,
+            max_in_flight=2 if self.queues.pipelined else 1,
+            min_overlap=OVERLAP_ITEMS,
+        )
         self.acker: Coalescer[tuple[str, str], None] = Coalescer(
             self.queues.ack_many, max_batch=settings.limits.max_batch
         )

@@ -185,3 +185,69 @@ async def test_coalescer_keeps_groups_whole_and_in_order_among_single_items() ->
     # Order kept across calls; no group split; a group larger than max_batch gets a call alone.
     assert [i for call in calls for i in call] == list(range(1, 12))
     assert calls == [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11]]
+
+
+async def test_coalescer_overlaps_a_second_call_only_for_enough_items() -> None:
+    calls: list[list[int]] = []
+    running = 0
+    most = 0
+    gates: list[asyncio.Event] = []
+
+    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        nonlocal running, most
+        calls.append(list(items))  # the first step: where a real flush sends its call
+        running += 1
+        most = max(most, running)
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        running -= 1
+        return [i * 10 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_batch=5, max_in_flight=2, min_overlap=3)
+    first = [asyncio.create_task(coalescer.submit("k", i)) for i in range(2)]
+    await wait_for(lambda: len(calls) == 1)
+    few = [asyncio.create_task(coalescer.submit("k", i)) for i in range(2, 4)]
+    await asyncio.sleep(0.05)  # nothing may happen: 2 waiting items are below min_overlap
+    assert calls == [[0, 1]]
+    more = [asyncio.create_task(coalescer.submit("k", i)) for i in range(4, 9)]
+    await wait_for(lambda: len(calls) == 2)
+    assert calls[1] == [2, 3, 4, 5, 6]  # a second call while the first runs, in order
+    await asyncio.sleep(0.05)
+    assert len(calls) == 2  # never a third at once
+    for gate in gates:
+        gate.set()
+    await wait_for(lambda: len(calls) == 3)
+    gates[2].set()
+    assert await asyncio.gather(*first, *few, *more) == [i * 10 for i in range(9)]
+    assert calls == [[0, 1], [2, 3, 4, 5, 6], [7, 8]] and most == 2
+
+
+async def test_pushes_keep_their_order_with_two_calls_in_flight(broker: RunningBroker) -> None:
+    # Thousands of single pushes submitted at once to a queue new to this process: the first
+    # waits for the queue registry's SADD, the next ones go out while earlier calls run, and
+    # Redis still gets them in submission order.
+    runtime = runtime_of(broker)
+    assert runtime.pusher._max_in_flight == 2  # the script pipe is in use
+    flush, in_flight, most = runtime.pusher._flush, [0], [0]
+
+    async def counted(key: str, items: Any) -> Any:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            return await flush(key, items)  # runs up to its call's write before it can wait
+        finally:
+            in_flight[0] -= 1
+
+    runtime.pusher._flush = counted
+    results: list[str | BaseException] = []
+    count = 3000
+    for n in range(count):
+        runtime.push_soon("ordered", b"%d" % n, runtime.push_defaults, results.append)
+    await wait_for(lambda: len(results) == count, 10)
+    ids = [result for result in results if isinstance(result, str)]
+    assert len(ids) == count
+    taken = await runtime.queues.fetch("ordered", count=count)
+    assert [job.body for job in taken.jobs] == [b"%d" % n for n in range(count)]
+    assert [job.id for job in taken.jobs] == ids
+    assert most[0] == 2
