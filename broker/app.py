@@ -145,9 +145,13 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
                 try:
                     yield
                 finally:
-                    gc.unfreeze()  # collectable again: several apps may come and go in one process (tests)
-                    await runtime.stop()
-                    await exporter.stop()
+                    try:
+                        await runtime.stop()
+                        await exporter.stop()
+                    finally:
+                        # Collectable again once stopped (not before: each collection would then
+                        # walk it all): several apps may come and go in one process, as in tests.
+                        gc.unfreeze()
             finally:
                 await client.aclose()
                 if embedded is not None:
