@@ -8,6 +8,7 @@ JSON body (never a traceback).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,6 +97,19 @@ class BrokerApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def freeze_heap() -> None:
+    """Keep what start-up made (modules, classes, the app, the runtime) out of the cyclic GC.
+
+    A full collection walks every tracked object: ~46,000 after start-up, 10-13 ms of a quiet
+    core, 25-110 ms measured under load, every few seconds while the broker is busy (objects
+    in flight survive young collections and trigger it). Frozen, they are never walked again
+    (refcounting still frees them); what is left to walk is what came after. Garbage is
+    collected first so that none of it is frozen with them.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Path | None = None) -> Starlette:
     """Build the broker's ASGI app.
 
@@ -127,11 +141,17 @@ def create_app(settings: Settings, *, redis_url: str | None = None, web_dir: Pat
                 await runtime.start()
                 exporter = app.state.latency_exporter = LatencyExporter(runtime, settings.queues.reap_interval)
                 await exporter.start()
+                freeze_heap()
                 try:
                     yield
                 finally:
-                    await runtime.stop()
-                    await exporter.stop()
+                    try:
+                        await runtime.stop()
+                        await exporter.stop()
+                    finally:
+                        # Collectable again once stopped (not before: each collection would then
+                        # walk it all): several apps may come and go in one process, as in tests.
+                        gc.unfreeze()
             finally:
                 await client.aclose()
                 if embedded is not None:

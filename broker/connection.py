@@ -43,6 +43,7 @@ from broker.commands import (
     Unwatch,
     Watch,
 )
+from broker.eager import start_eagerly
 from broker.errors import BrokerError
 from broker.frames import CloseCode, ErrorCode
 from broker.models import Delivery, PushOptions, dumps
@@ -429,11 +430,22 @@ class Connection:
     # -- output -------------------------------------------------------------------------------------
 
     def deliver(self, job: Delivery) -> bool:
-        """Called by the queue feed: queue a job frame; False if the session did not take it."""
-        taken = self.session.deliver(job.queue, job.id, job.token, job.attempt, job.body)
-        if taken:
-            self._wake_writer()
-        return taken
+        """Called by the queue feed: queue a job frame; False if the session did not take it.
+
+        The feed calls :meth:`flush` once it has dealt all its jobs.
+        """
+        return self.session.deliver(job.queue, job.id, job.token, job.attempt, job.body)
+
+    def flush(self) -> None:
+        """Send what the session queued now, within the caller's step, unless a writer runs.
+
+        Called after a deal: the job frames leave before whatever else the step does (the HTTP
+        answer to the push whose call took them) and a loop turn sooner than a new writer task
+        would send them. Nothing the writer does before its first wait calls back into this
+        connection, so no second writer can start meanwhile.
+        """
+        if self._writer is None and not (self._ended or self._socket_closed):
+            self._writer = start_eagerly(self._write_loop())
 
     def relay_message(self, channel: str, data: bytes) -> None:
         if self.session.message(channel, data):

@@ -358,7 +358,7 @@ class QueueFeed:
             if not taken and not job.token and ring is not None:
                 # Taken destructively: better a little over a subscriber's send buffer (the frame
                 # estimate was off) than pushing the job again under a new id.
-                taken = any(conn.deliver(job) for conn in ring.members)
+                taken = self._give_any(ring, job, dealt)
             if taken:
                 events.append((job.id, "delivered", dumps({"attempt": job.attempt})))
             elif job.token:
@@ -368,6 +368,9 @@ class QueueFeed:
         if ring is not None:
             for conn in dealt:  # what they have left, once each
                 ring.look(conn)
+        for conn in dealt:
+            # Sent now, ahead of the rest of this step: the reply to the push that took them, say.
+            conn.flush()
         if leftovers:
             self.hub.release_soon(self.queue, leftovers)
         if orphans:
@@ -376,6 +379,15 @@ class QueueFeed:
             self.hub.spawn(self.hub.runtime.queues.push_many(self.queue, [(b, PushOptions()) for b in orphans]))
         if events:
             self.hub.emit_events(self.queue, events)
+
+    @staticmethod
+    def _give_any(ring: CreditRing[Connection], job: Delivery, dealt: set[Connection]) -> bool:
+        """Deliver ``job`` to the first member that takes it, credit or not; False if none did."""
+        for conn in ring.members:
+            if conn.deliver(job):
+                dealt.add(conn)
+                return True
+        return False
 
     def _give(self, ring: CreditRing[Connection], job: Delivery, dealt: set[Connection]) -> bool:
         """Deliver ``job`` to the next connection in turn that takes it; False if none did.

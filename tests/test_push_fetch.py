@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -290,3 +291,38 @@ async def test_a_failed_push_call_has_the_feed_look_again(broker: RunningBroker,
         feed.settle(claim, None)
         # Well before the feed's safety look (SAFETY_WAKE, 5 s).
         assert (await client.jobs(1, timeout=2.0))[0]["id"] == job_id
+
+
+async def test_the_job_goes_to_its_subscriber_before_the_http_push_is_answered(
+    broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deal writes the job frame in the step that reads the push call's reply, ahead of the
+    # HTTP answer written in the same step: the latency a consumer sees is not the answer's too.
+    from broker.httpproto import LeanHttpProtocol
+    from broker.wsproto import SEND_FRAMES, BatchingWebSocketProtocol
+
+    written: list[str] = []
+    send, reply = BatchingWebSocketProtocol.send, LeanHttpProtocol._reply
+
+    async def recording_send(self: Any, message: Any) -> None:
+        if message["type"] == SEND_FRAMES and any(f.startswith(b'{"op":"job"') for f in message["frames"]):
+            written.append("job")
+        await send(self, message)
+
+    def recording_reply(self: Any, lean: Any, answer: Any) -> None:
+        written.append(f"answer {answer[0]}")
+        reply(self, lean, answer)
+
+    monkeypatch.setattr(BatchingWebSocketProtocol, "send", recording_send)
+    monkeypatch.setattr(LeanHttpProtocol, "_reply", recording_reply)
+    runtime = runtime_of(broker)
+    async with ws_connect(broker.ws_url) as client, httpx.AsyncClient(base_url=broker.url) as http:
+        await client.call("subscribe", queue=Q, prefetch=5)
+        feed = runtime.delivery.feeds[Q]
+        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
+        response = await http.post(f"/q/{Q}", content=b'{"n":1}')
+        assert response.status_code == 201
+        (job,) = await client.jobs(1)
+        assert job["id"] == response.json()["id"]
+        assert written == ["job", "answer 201"]
+        await client.ack(job)
