@@ -195,19 +195,19 @@ def parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimit
     # same command as the general path at a fraction of the checks. Anything else, including
     # every invalid frame, takes the general path, so errors are its errors.
     if op == "push":
-        if obj.keys() <= _PLAIN_PUSH and "body" in obj:
+        if obj.keys() <= PLAIN_PUSH and "body" in obj:
             queue = obj.get("queue")
             if type(queue) is str and NAME_RE.fullmatch(queue) is not None:
-                return _plain_push(ref, queue, _encode(obj["body"], "body"))
-    elif op == "ack" and obj.keys() <= _PLAIN_ACK:
+                return plain_push(ref, queue, _encode(obj["body"], "body"))
+    elif op == "ack" and obj.keys() <= PLAIN_ACK:
         job_id, token = obj.get("id"), obj.get("token")
         if type(job_id) is str and job_id and type(token) is str and token:
-            return _plain_ack(ref, locate(job_id, token), job_id, token)
+            return plain_ack(ref, locate(job_id, token), job_id, token)
     return _parse(op, obj, ref, limits, locate)
 
 
-_PLAIN_PUSH = frozenset(("op", "ref", "queue", "body"))
-_PLAIN_ACK = frozenset(("op", "ref", "id", "token"))
+PLAIN_PUSH = frozenset(("op", "ref", "queue", "body"))  # the members of a plain push frame
+PLAIN_ACK = frozenset(("op", "ref", "id", "token"))
 
 # A frozen dataclass's __init__ sets each field through ``object.__setattr__``: 3-4 µs for a
 # Push's eight. The slots' own descriptors set them for a third of that; the result is the same
@@ -217,7 +217,7 @@ _push_slots = tuple(Push.__dict__[f.name].__set__ for f in fields(Push))
 _ack_slots = tuple(Ack.__dict__[f.name].__set__ for f in fields(Ack))
 
 
-def _plain_push(ref: str | None, queue: str, body_json: bytes) -> Push:
+def plain_push(ref: str | None, queue: str, body_json: bytes) -> Push:
     cmd: Push = _new(Push)
     s_ref, s_queue, s_body, s_priority, s_delay, s_uniq, s_ttl, s_attempts = _push_slots
     s_ref(cmd, ref)
@@ -231,7 +231,7 @@ def _plain_push(ref: str | None, queue: str, body_json: bytes) -> Push:
     return cmd
 
 
-def _plain_ack(ref: str | None, queue: str, job_id: str, token: str) -> Ack:
+def plain_ack(ref: str | None, queue: str, job_id: str, token: str) -> Ack:
     cmd: Ack = _new(Ack)
     s_ref, s_queue, s_id, s_token, s_result = _ack_slots
     s_ref(cmd, ref)
@@ -429,13 +429,21 @@ def error_frame(code: str, message: str, ref: str | None, extra: Mapping[str, An
     return orjson.dumps(frame)
 
 
+_JOB_HEADS: dict[str, bytes] = {}  # queue -> b'{"op":"job","queue":"<queue>","id":'
+_JOB_HEADS_MAX = 1024  # queues are few; a broker that sees more starts the cache over
+
+
 def job_frame(queue: str, job_id: str, token: str | None, attempt: int, body: bytes) -> bytes:
     """A ``job`` frame; ``body`` (valid JSON, as stored) is spliced in without being re-encoded."""
-    parts = [b'{"op":"job","queue":', orjson.dumps(queue), b',"id":', orjson.dumps(job_id)]
-    if token is not None:
-        parts += [b',"token":', orjson.dumps(token)]
-    parts += [b',"attempt":', str(attempt).encode(), b',"body":', body, b"}"]
-    return b"".join(parts)
+    # One %-format from a per-queue head: a third faster than joining the frame's nine parts.
+    head = _JOB_HEADS.get(queue)
+    if head is None:
+        if len(_JOB_HEADS) >= _JOB_HEADS_MAX:
+            _JOB_HEADS.clear()
+        head = _JOB_HEADS[queue] = b'{"op":"job","queue":' + orjson.dumps(queue) + b',"id":'
+    if token is None:
+        return b'%s%s,"attempt":%d,"body":%s}' % (head, orjson.dumps(job_id), attempt, body)
+    return b'%s%s,"token":%s,"attempt":%d,"body":%s}' % (head, orjson.dumps(job_id), orjson.dumps(token), attempt, body)
 
 
 def pushed_frame(job_id: str, ref: str | None) -> bytes:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
+import orjson
+
 from broker.commands import (
     Ack,
     AckMode,
@@ -47,6 +49,9 @@ from broker.commands import (
 )
 from broker.errors import BrokerError
 from broker.frames import (
+    NAME_RE,
+    PLAIN_ACK,
+    PLAIN_PUSH,
     CloseCode,
     ErrorCode,
     FrameError,
@@ -59,6 +64,8 @@ from broker.frames import (
     job_frame,
     message_frame,
     parse,
+    plain_ack,
+    plain_push,
     pushed_frame,
     read_op,
     read_ref,
@@ -72,6 +79,12 @@ Authorize = Callable[[Role, str], bool]
 
 # The name authorize() is asked about for a watch on every queue (matched only by the glob "*").
 ALL = "*"
+
+# The I/O layer's fast lane for the two frames of every job (Session.set_plain_sink): a plain push
+# ``(ref, queue, body_json)`` and a plain ack ``(ref, queue, job_id, token)``, already applied to
+# the session. True if it took the frame; False to have it returned as a command as usual.
+PlainPush = Callable[[str | None, str, bytes], bool]
+PlainAck = Callable[[str | None, str, str, str], bool]
 
 
 class SessionState(Enum):
@@ -131,6 +144,11 @@ class Session:
         self._backlog = 0
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self.taken_bytes = 0  # the size of the frames data_to_send returned last
+        self._sink_push: PlainPush | None = None
+        self._sink_ack: PlainAck | None = None
+        self._credit_due: set[str] = set()  # queues whose credit grew by a plain ack, not yet told
+        self._valid_queue = ""  # the queue name a plain push last named, known to be valid
 
     # --- read-only views ----------------------------------------------------------------------
 
@@ -161,6 +179,15 @@ class Session:
         """
         if self.state is not SessionState.OPEN:
             return []
+        if self._sink_push is not None and type(data) is str and 4 * len(data) <= self.limits.max_frame:
+            # A text frame surely within max_frame (a str is at most 4 UTF-8 bytes a character).
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None  # the general path answers bad_json
+            if type(obj) is dict:
+                cmds = self._plain(obj)
+                return self.receive_object(obj) if cmds is None else cmds
         # A str is at least len(data) UTF-8 bytes and at most 4 per character: encode only if unsure.
         size = len(data)
         if isinstance(data, str) and 4 * size > self.limits.max_frame:
@@ -192,6 +219,73 @@ class Session:
         except FrameError as exc:
             self._protocol_error(exc, ref)
             return []
+
+    def set_plain_sink(self, push: PlainPush | None, ack: PlainAck | None) -> None:
+        """Take plain pushes and acks (no option, no ``result``) straight to the I/O layer.
+
+        :meth:`receive` then applies such a frame and hands it to ``push`` / ``ack`` rather than
+        returning a command (it returns the command as usual when the sink answers False). The
+        credit plain acks return reaches :attr:`on_credit` at :meth:`flush_credit`, once per queue:
+        the I/O layer must call it after a run of frames, and before it waits for anything.
+        """
+        self._sink_push, self._sink_ack = push, ack
+
+    def flush_credit(self) -> None:
+        """Report to :attr:`on_credit` the queues whose credit plain acks returned since the last call."""
+        due = self._credit_due
+        if due:
+            on_credit = self.on_credit
+            if on_credit is not None:
+                for queue in due:
+                    on_credit(queue)
+            due.clear()
+
+    def _plain(self, obj: dict[str, Any]) -> list[Command] | None:
+        # The two frames of every job in their plainest form, in one step: what _handle, parse and
+        # _apply would do with them, without their dispatch. None for anything else, including
+        # every invalid frame, which the general path then answers with its own errors.
+        if not self._authenticated:
+            return None
+        op = obj.get("op")
+        if op == "push":
+            if "body" not in obj or not obj.keys() <= PLAIN_PUSH:
+                return None
+            queue, ref = obj.get("queue"), obj.get("ref")
+            if type(queue) is not str or not (ref is None or type(ref) is str):
+                return None
+            if queue != self._valid_queue:
+                if NAME_RE.fullmatch(queue) is None:
+                    return None
+                self._valid_queue = queue
+            if self._authorize is not None and not self._authorize("produce", queue):
+                return None
+            try:
+                body = orjson.dumps(obj["body"])
+            except TypeError:  # nested too deeply to write: the general path says so
+                return None
+            self._errors = 0
+            assert self._sink_push is not None
+            return [] if self._sink_push(ref, queue, body) else [plain_push(ref, queue, body)]
+        if op == "ack":
+            if not obj.keys() <= PLAIN_ACK:
+                return None
+            job_id, token, ref = obj.get("id"), obj.get("token"), obj.get("ref")
+            if not (type(job_id) is str and type(token) is str and token and (ref is None or type(ref) is str)):
+                return None
+            queue = self._owner.get(job_id)
+            if queue is None:
+                return None
+            in_flight = self._subs[queue].in_flight
+            if in_flight[job_id] != token:
+                return None
+            # As _apply's _forget, its credit reported at flush_credit.
+            del self._owner[job_id]
+            del in_flight[job_id]
+            self._credit_due.add(queue)
+            self._errors = 0
+            assert self._sink_ack is not None
+            return [] if self._sink_ack(ref, queue, job_id, token) else [plain_ack(ref, queue, job_id, token)]
+        return None
 
     def _handle(self, obj: Mapping[str, Any], ref: str | None) -> list[Command]:
         op = read_op(obj)
@@ -343,6 +437,17 @@ class Session:
         if cmd.ref is not None:
             reply["ref"] = cmd.ref
         self._send(encode(reply))
+
+    def plain_done(self, ref: str | None, job_id: str | None = None) -> None:
+        """:meth:`command_done` for a frame the plain sink took: a push's new ``job_id``, or an ack."""
+        if job_id is not None:
+            self._send(pushed_frame(job_id, ref))
+        elif ref is not None:
+            self._send(encode({"op": "ok", "ref": ref}))
+
+    def plain_failed(self, ref: str | None, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
+        """:meth:`command_failed` for a frame the plain sink took (nothing to undo for those)."""
+        self._send(error_frame(code, message, ref, extra))
 
     def command_failed(self, cmd: Command, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
         """Report that ``cmd`` failed: undo what :meth:`receive` assumed and queue an ``error``.
@@ -504,7 +609,8 @@ class Session:
 
     def data_to_send(self) -> list[bytes]:
         """Take the frames queued since the last call, each one UTF-8 JSON text frame, in order."""
-        out, self._out, self._out_bytes = self._out, [], 0
+        out, self._out = self._out, []
+        self.taken_bytes, self._out_bytes = self._out_bytes, 0
         return out
 
     def start_close(self, code: CloseCode, reason: str = "") -> None:
