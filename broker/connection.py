@@ -178,7 +178,7 @@ class Connection:
         self._last_input = loop.time()
         self._idle_timer = loop.call_at(self._last_input + self._idle_timeout, self._idle_check)
         session = self.session
-        receive_one = session.receive
+        receive_frames = session.receive_frames
         try:
             if EXTENSION in self.ws.scope.get("extensions", {}):
                 # broker/wsproto.py then hands over every frame of a socket read in one message.
@@ -195,17 +195,12 @@ class Connection:
                 else:
                     data = message.get("text")
                     frames = (message.get("bytes") or b"",) if data is None else (data,)
-                for data in frames:
-                    # Frames after one that closed the session are ignored by it (receive -> []).
-                    # Plain pushes and acks return none: the session handed them to _sink_push/_ack.
-                    cmds = receive_one(data)
-                    if cmds:
-                        session.flush_credit()  # the feed hears of acked jobs before anything waits
-                        for cmd in cmds:
-                            # The two frames of every job, straight to the coalescer without a coroutine.
-                            if not self._push_or_ack_soon(cmd):
-                                await self._execute(cmd)
-                session.flush_credit()
+                # Frames after one that closed the session are ignored by it. Plain pushes and
+                # acks yield nothing: the session handed them to _sink_push / _sink_ack.
+                for cmd in receive_frames(frames):
+                    # Pushes and acks it did not hand over, straight to the coalescer if they may.
+                    if not self._push_or_ack_soon(cmd):
+                        await self._execute(cmd)
                 self._wake_writer()
         finally:
             if self._idle_timer is not None:

@@ -429,21 +429,23 @@ def error_frame(code: str, message: str, ref: str | None, extra: Mapping[str, An
     return orjson.dumps(frame)
 
 
-_JOB_HEADS: dict[str, bytes] = {}  # queue -> b'{"op":"job","queue":"<queue>","id":'
-_JOB_HEADS_MAX = 1024  # queues are few; a broker that sees more starts the cache over
-
-
 def job_frame(queue: str, job_id: str, token: str | None, attempt: int, body: bytes) -> bytes:
     """A ``job`` frame; ``body`` (valid JSON, as stored) is spliced in without being re-encoded."""
-    # One %-format from a per-queue head: a third faster than joining the frame's nine parts.
-    head = _JOB_HEADS.get(queue)
-    if head is None:
-        if len(_JOB_HEADS) >= _JOB_HEADS_MAX:
-            _JOB_HEADS.clear()
-        head = _JOB_HEADS[queue] = b'{"op":"job","queue":' + orjson.dumps(queue) + b',"id":'
+    # One %-format: a third faster than joining the frame's nine parts.
     if token is None:
-        return b'%s%s,"attempt":%d,"body":%s}' % (head, orjson.dumps(job_id), attempt, body)
-    return b'%s%s,"token":%s,"attempt":%d,"body":%s}' % (head, orjson.dumps(job_id), orjson.dumps(token), attempt, body)
+        return b'{"op":"job","queue":%s,"id":%s,"attempt":%d,"body":%s}' % (
+            orjson.dumps(queue),
+            orjson.dumps(job_id),
+            attempt,
+            body,
+        )
+    return b'{"op":"job","queue":%s,"id":%s,"token":%s,"attempt":%d,"body":%s}' % (
+        orjson.dumps(queue),
+        orjson.dumps(job_id),
+        orjson.dumps(token),
+        attempt,
+        body,
+    )
 
 
 def pushed_frame(job_id: str, ref: str | None) -> bytes:

@@ -147,3 +147,36 @@ def test_replies_to_plain_frames() -> None:
         {"op": "ok", "ref": "r2"},
         {"op": "error", "ref": "r3", "error": "redis unavailable: gone", "code": "unavailable"},
     ]
+
+
+def test_receive_frames_is_receive_of_each_frame() -> None:
+    plain, general = subscribed(Session()), subscribed(Session())
+    sink = Sink(plain)
+    sink.accept = False  # every frame's command comes back, in order
+    cmds = list(plain.receive_frames(FRAMES))
+    assert cmds == [cmd for frame in FRAMES for cmd in general.receive(frame)]
+    assert plain.data_to_send() == general.data_to_send()
+    assert sink.credit == ["q", "q", "q"]  # three acks, each told before its command
+
+
+def test_receive_frames_tells_credit_before_each_command() -> None:
+    session = subscribed(Session())
+    sink = Sink(session)
+    frames = [
+        '{"op":"ack","id":"j0","token":"t0"}',
+        '{"op":"listen","channel":"c"}',
+        '{"op":"ack","id":"j1","token":"t1"}',
+    ]
+    it = session.receive_frames(frames)
+    assert next(it).channel == "c"  # type: ignore[union-attr]
+    assert sink.credit == ["q"]
+    assert list(it) == []
+    assert sink.credit == ["q", "q"]
+
+
+def test_receive_frames_ignores_frames_after_a_close() -> None:
+    session = Session(SessionLimits(max_errors=0))
+    sink = Sink(session)
+    assert list(session.receive_frames(["nope", '{"op":"push","queue":"q","body":1}'])) == []
+    assert session.close_code is not None
+    assert sink.taken == []
