@@ -195,19 +195,19 @@ def parse(op: str, obj: Mapping[str, Any], ref: str | None, limits: SessionLimit
     # same command as the general path at a fraction of the checks. Anything else, including
     # every invalid frame, takes the general path, so errors are its errors.
     if op == "push":
-        if obj.keys() <= PLAIN_PUSH and "body" in obj:
+        if obj.keys() <= _PLAIN_PUSH and "body" in obj:
             queue = obj.get("queue")
             if type(queue) is str and NAME_RE.fullmatch(queue) is not None:
                 return plain_push(ref, queue, _encode(obj["body"], "body"))
-    elif op == "ack" and obj.keys() <= PLAIN_ACK:
+    elif op == "ack" and obj.keys() <= _PLAIN_ACK:
         job_id, token = obj.get("id"), obj.get("token")
         if type(job_id) is str and job_id and type(token) is str and token:
             return plain_ack(ref, locate(job_id, token), job_id, token)
     return _parse(op, obj, ref, limits, locate)
 
 
-PLAIN_PUSH = frozenset(("op", "ref", "queue", "body"))  # the members of a plain push frame
-PLAIN_ACK = frozenset(("op", "ref", "id", "token"))
+_PLAIN_PUSH = frozenset(("op", "ref", "queue", "body"))
+_PLAIN_ACK = frozenset(("op", "ref", "id", "token"))
 
 # A frozen dataclass's __init__ sets each field through ``object.__setattr__``: 3-4 µs for a
 # Push's eight. The slots' own descriptors set them for a third of that; the result is the same

@@ -50,8 +50,6 @@ from broker.commands import (
 from broker.errors import BrokerError
 from broker.frames import (
     NAME_RE,
-    PLAIN_ACK,
-    PLAIN_PUSH,
     CloseCode,
     ErrorCode,
     FrameError,
@@ -127,6 +125,7 @@ class Session:
         auth_required: bool = False,
     ) -> None:
         self.limits = limits or SessionLimits()
+        self._send_buffer = self.limits.send_buffer
         self.state = SessionState.OPEN
         self.close_code: CloseCode | None = None
         self.close_reason = ""
@@ -147,7 +146,7 @@ class Session:
         self.taken_bytes = 0  # the size of the frames data_to_send returned last
         self._sink_push: PlainPush | None = None
         self._sink_ack: PlainAck | None = None
-        self._credit_due: set[str] = set()  # queues whose credit grew by a plain ack, not yet told
+        self._credit_due: set[str] | None = None  # queues whose credit grew by a plain ack, not yet told
         self._valid_queue = ""  # the queue name a plain push last named, known to be valid
 
     # --- read-only views ----------------------------------------------------------------------
@@ -250,7 +249,7 @@ class Session:
             self._protocol_error(exc, ref)
             return []
 
-    def set_plain_sink(self, push: PlainPush | None, ack: PlainAck | None) -> None:
+    def set_plain_sink(self, push: PlainPush, ack: PlainAck) -> None:
         """Take plain pushes and acks (no option, no ``result``) straight to the I/O layer.
 
         :meth:`receive` then applies such a frame and hands it to ``push`` / ``ack`` rather than
@@ -276,12 +275,15 @@ class Session:
         # every invalid frame, which the general path then answers with its own errors.
         if not self._authenticated:
             return None
+        # Members: op, the two checked below, and maybe ref; nothing else (len() costs less than
+        # comparing the keys with a set, and says the same once those are there).
+        size = len(obj)
+        if size != 3 and (size != 4 or "ref" not in obj):
+            return None
         op = obj.get("op")
         if op == "push":
-            if "body" not in obj or not obj.keys() <= PLAIN_PUSH:
-                return None
             queue, ref = obj.get("queue"), obj.get("ref")
-            if type(queue) is not str or not (ref is None or type(ref) is str):
+            if type(queue) is not str or "body" not in obj or not (ref is None or type(ref) is str):
                 return None
             if queue != self._valid_queue:
                 if NAME_RE.fullmatch(queue) is None:
@@ -297,10 +299,10 @@ class Session:
             assert self._sink_push is not None
             return [] if self._sink_push(ref, queue, body) else [plain_push(ref, queue, body)]
         if op == "ack":
-            if not obj.keys() <= PLAIN_ACK:
-                return None
             job_id, token, ref = obj.get("id"), obj.get("token"), obj.get("ref")
-            if not (type(job_id) is str and type(token) is str and token and (ref is None or type(ref) is str)):
+            if type(job_id) is not str or type(token) is not str or not (job_id and token):
+                return None
+            if not (ref is None or type(ref) is str):
                 return None
             queue = self._owner.get(job_id)
             if queue is None:
@@ -311,7 +313,11 @@ class Session:
             # As _apply's _forget, its credit reported at flush_credit.
             del self._owner[job_id]
             del in_flight[job_id]
-            self._credit_due.add(queue)
+            due = self._credit_due
+            if due is None:
+                self._credit_due = {queue}  # made on the first ack: an idle connection holds no set
+            else:
+                due.add(queue)
             self._errors = 0
             assert self._sink_ack is not None
             return [] if self._sink_ack(ref, queue, job_id, token) else [plain_ack(ref, queue, job_id, token)]
@@ -550,10 +556,11 @@ class Session:
         whenever the send backlog exceeds ``send_buffer`` (a slow reader pauses itself, never the
         queue), the queue is not (yet) subscribed, or the session is closing.
         """
+        # Asked before every job dealt: send_backlog and limits.send_buffer inlined.
         sub = self._subs.get(queue)
         if sub is None or not sub.active or self.state is not SessionState.OPEN:
             return 0
-        if self.send_backlog >= self.limits.send_buffer:
+        if self._backlog + self._out_bytes >= self._send_buffer:
             return 0
         if sub.ack_mode is AckMode.AUTO:
             return sub.prefetch
@@ -586,13 +593,17 @@ class Session:
             return True
         if token is None:
             raise ValueError("a manual-ack delivery needs a lease token")
-        if job_id not in sub.in_flight and len(sub.in_flight) >= sub.prefetch:
-            return False
-        if self._owner.get(job_id, queue) != queue:
-            self._forget(job_id)
-        sub.in_flight[job_id] = token
-        self._owner[job_id] = queue
-        self._send(job_frame(queue, job_id, token, attempt, body))
+        in_flight = sub.in_flight
+        if job_id not in in_flight:
+            if len(in_flight) >= sub.prefetch:
+                return False
+            if self._owner.get(job_id, queue) != queue:  # in flight here under another queue
+                self._forget(job_id)
+            self._owner[job_id] = queue
+        in_flight[job_id] = token
+        frame = job_frame(queue, job_id, token, attempt, body)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
         return True
 
     def _ephemeral(self, frame: Callable[[], bytes]) -> bool:
