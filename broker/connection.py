@@ -5,7 +5,8 @@ handled in order; commands that need Redis and return nothing the next frame dep
 ack, nack, touch, progress, publish) run concurrently, bounded per connection, so that one
 connection can keep many pushes in flight (their replies may therefore overtake each other).
 The most frequent, a single push and an ack, go to the runtime's coalescers with a callback
-rather than in a task of their own; the others each run in a task. A
+rather than in a task of their own (plain ones straight from the session, without a command
+object: ``_sink_push`` / ``_sink_ack``); the others each run in a task. A
 writer task, started when the session has output and ended when it has none, sends what the
 session queues and reports its backlog, so that a slow reader stops receiving jobs instead of
 buffering them.

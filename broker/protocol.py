@@ -16,6 +16,11 @@ Redis, no clock. The I/O layer (``broker/delivery.py``) drives it:
 4. after each of these calls it sends :meth:`Session.data_to_send` and, once
    :attr:`Session.close_code` is set, closes the socket with that code;
 5. when the socket is gone it calls :meth:`Session.close` and returns the jobs it lists.
+
+The two frames of every job, a plain push and a plain ack, may skip the command objects: with
+:meth:`Session.set_plain_sink` the session hands them to the I/O layer as it reads them (a run
+of frames at a time with :meth:`Session.receive_frames`), and the I/O layer reports their outcome
+with :meth:`Session.plain_done` / :meth:`Session.plain_failed`.
 """
 
 from __future__ import annotations
