@@ -5,7 +5,8 @@ handled in order; commands that need Redis and return nothing the next frame dep
 ack, nack, touch, progress, publish) run concurrently, bounded per connection, so that one
 connection can keep many pushes in flight (their replies may therefore overtake each other).
 The most frequent, a single push and an ack, go to the runtime's coalescers with a callback
-rather than in a task of their own; the others each run in a task. A
+rather than in a task of their own (plain ones straight from the session, without a command
+object: ``_sink_push`` / ``_sink_ack``); the others each run in a task. A
 writer task, started when the session has output and ended when it has none, sends what the
 session queues and reports its backlog, so that a slow reader stops receiving jobs instead of
 buffering them.
@@ -99,6 +100,8 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._socket_closed = False
         self._unavailable_told = 0.0
+        # Plain pushes and acks go from the session to the coalescers without a command object.
+        session.set_plain_sink(self._sink_push, self._sink_ack)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -177,7 +180,7 @@ class Connection:
         self._last_input = loop.time()
         self._idle_timer = loop.call_at(self._last_input + self._idle_timeout, self._idle_check)
         session = self.session
-        receive_one = session.receive
+        receive_frames = session.receive_frames
         try:
             if EXTENSION in self.ws.scope.get("extensions", {}):
                 # broker/wsproto.py then hands over every frame of a socket read in one message.
@@ -194,12 +197,12 @@ class Connection:
                 else:
                     data = message.get("text")
                     frames = (message.get("bytes") or b"",) if data is None else (data,)
-                for data in frames:
-                    # Frames after one that closed the session are ignored by it (receive -> []).
-                    for cmd in receive_one(data):
-                        # The two frames of every job, straight to the coalescer without a coroutine.
-                        if not self._push_or_ack_soon(cmd):
-                            await self._execute(cmd)
+                # Frames after one that closed the session are ignored by it. Plain pushes and
+                # acks yield nothing: the session handed them to _sink_push / _sink_ack.
+                for cmd in receive_frames(frames):
+                    # Pushes and acks it did not hand over, straight to the coalescer if they may.
+                    if not self._push_or_ack_soon(cmd):
+                        await self._execute(cmd)
                 self._wake_writer()
         finally:
             if self._idle_timer is not None:
@@ -234,6 +237,51 @@ class Connection:
         self._pending += 1
         self._hand_over(cmd)  # type: ignore[arg-type]  # a Push or an Ack: checked just above
         return True
+
+    def _sink_push(self, ref: str | None, queue: str, body_json: bytes) -> bool:
+        """A plain push from the session: _push_or_ack_soon and _hand_over, without a Push."""
+        if self._tasks or self._pending >= MAX_PENDING:
+            return False
+        self._pending += 1
+        runtime = self.runtime
+        done = self._plain_pushed if ref is None else partial(self._plain_pushed, ref=ref)
+        runtime.push_soon(queue, body_json, runtime.push_defaults, done)
+        return True
+
+    def _sink_ack(self, ref: str | None, queue: str, job_id: str, token: str) -> bool:
+        """A plain ack from the session (its job already let go): as _sink_push, without an Ack."""
+        if self._tasks or self._pending >= MAX_PENDING:
+            return False
+        self._pending += 1
+        self.runtime.ack_soon(queue, job_id, token, partial(self._plain_acked, ref, queue, job_id))
+        return True
+
+    def _plain_pushed(self, result: str | BaseException, ref: str | None = None) -> None:
+        try:
+            if isinstance(result, BaseException):
+                self._plain_failed(ref, result)
+            else:
+                self.session.plain_done(ref, result)
+        except Exception as exc:
+            self._plain_failed(ref, exc)
+        self._finished()
+
+    def _plain_acked(self, ref: str | None, queue: str, job_id: str, result: BaseException | None) -> None:
+        try:
+            if result is not None:
+                self._plain_failed(ref, result)
+            else:
+                self.session.plain_done(ref)
+                self.hub.emit_events(queue, [(job_id, "acked", None)])
+        except Exception as exc:
+            self._plain_failed(ref, exc)
+        # Without a reply to send (no ref, no error) there is nothing for the writer to do.
+        self._finished(wake=ref is not None or result is not None)
+
+    def _plain_failed(self, ref: str | None, exc: BaseException) -> None:
+        error = _error(exc, "plain push or ack")
+        if error is not None:
+            self.session.plain_failed(ref, *error)
 
     def _hand_over(self, cmd: Push | Ack) -> None:
         """A push or an ack, its room among the pending commands taken, to its coalescer."""
@@ -309,12 +357,13 @@ class Connection:
             await self._next_change()
         self._pending += 1
 
-    def _finished(self) -> None:
+    def _finished(self, wake: bool = True) -> None:
         self._pending -= 1
         waiter = self._change_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self._wake_writer()
+        if wake:
+            self._wake_writer()
 
     async def _next_change(self) -> None:
         self._change_waiter = asyncio.get_running_loop().create_future()
@@ -350,13 +399,9 @@ class Connection:
 
     def _failed(self, cmd: Command, exc: BaseException) -> None:
         """Answer a command that raised ``exc`` with its error frame (none if it was cancelled)."""
-        if isinstance(exc, BrokerError):
-            self.session.command_raised(cmd, exc)
-        elif isinstance(exc, RedisError | OSError):
-            self.session.command_failed(cmd, ErrorCode.UNAVAILABLE, f"redis unavailable: {exc}")
-        elif not isinstance(exc, asyncio.CancelledError):
-            log.error("command %s failed", type(cmd).__name__, exc_info=exc)
-            self.session.command_failed(cmd, ErrorCode.INTERNAL, "internal error")
+        error = _error(exc, type(cmd).__name__)
+        if error is not None:
+            self.session.command_failed(cmd, *error)
 
     def _push_options(self, cmd: Push) -> PushOptions:
         if cmd.priority is None and cmd.max_attempts is None and not (cmd.delay or cmd.ttl or cmd.uniq):
@@ -483,7 +528,7 @@ class Connection:
         batched = EXTENSION in self.ws.scope.get("extensions", {})
         try:
             while frames := self.session.data_to_send():
-                backlog = sum(len(f) for f in frames)
+                backlog = self.session.taken_bytes
                 self.session.set_send_backlog(backlog)
                 if batched:
                     # The raw ASGI send: Starlette's WebSocket.send refuses message types it does not know.
@@ -507,3 +552,18 @@ class Connection:
             log.debug("writing to the WebSocket failed", exc_info=True)
         finally:
             self._writer = None
+
+
+def _error(exc: BaseException, what: str) -> tuple[str, str, dict[str, Any] | None] | None:
+    """The error frame's code, message and extra members for a command that raised ``exc``.
+
+    None if it was cancelled: no reply then.
+    """
+    if isinstance(exc, BrokerError):
+        return exc.code, exc.message, {k: v for k, v in exc.payload().items() if k != "error"}
+    if isinstance(exc, RedisError | OSError):
+        return ErrorCode.UNAVAILABLE, f"redis unavailable: {exc}", None
+    if isinstance(exc, asyncio.CancelledError):
+        return None
+    log.error("command %s failed", what, exc_info=exc)
+    return ErrorCode.INTERNAL, "internal error", None

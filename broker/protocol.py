@@ -16,14 +16,21 @@ Redis, no clock. The I/O layer (``broker/delivery.py``) drives it:
 4. after each of these calls it sends :meth:`Session.data_to_send` and, once
    :attr:`Session.close_code` is set, closes the socket with that code;
 5. when the socket is gone it calls :meth:`Session.close` and returns the jobs it lists.
+
+The two frames of every job, a plain push and a plain ack, may skip the command objects: with
+:meth:`Session.set_plain_sink` the session hands them to the I/O layer as it reads them (a run
+of frames at a time with :meth:`Session.receive_frames`), and the I/O layer reports their outcome
+with :meth:`Session.plain_done` / :meth:`Session.plain_failed`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
+
+import orjson
 
 from broker.commands import (
     Ack,
@@ -47,6 +54,7 @@ from broker.commands import (
 )
 from broker.errors import BrokerError
 from broker.frames import (
+    NAME_RE,
     CloseCode,
     ErrorCode,
     FrameError,
@@ -59,6 +67,8 @@ from broker.frames import (
     job_frame,
     message_frame,
     parse,
+    plain_ack,
+    plain_push,
     pushed_frame,
     read_op,
     read_ref,
@@ -72,6 +82,12 @@ Authorize = Callable[[Role, str], bool]
 
 # The name authorize() is asked about for a watch on every queue (matched only by the glob "*").
 ALL = "*"
+
+# The I/O layer's fast lane for the two frames of every job (Session.set_plain_sink): a plain push
+# ``(ref, queue, body_json)`` and a plain ack ``(ref, queue, job_id, token)``, already applied to
+# the session. True if it took the frame; False to have it returned as a command as usual.
+PlainPush = Callable[[str | None, str, bytes], bool]
+PlainAck = Callable[[str | None, str, str, str], bool]
 
 
 class SessionState(Enum):
@@ -114,6 +130,7 @@ class Session:
         auth_required: bool = False,
     ) -> None:
         self.limits = limits or SessionLimits()
+        self._send_buffer = self.limits.send_buffer
         self.state = SessionState.OPEN
         self.close_code: CloseCode | None = None
         self.close_reason = ""
@@ -131,6 +148,11 @@ class Session:
         self._backlog = 0
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self.taken_bytes = 0  # the size of the frames data_to_send returned last
+        self._sink_push: PlainPush | None = None
+        self._sink_ack: PlainAck | None = None
+        self._credit_due: set[str] | None = None  # queues whose credit grew by a plain ack, not yet told
+        self._valid_queue = ""  # the queue name a plain push last named, known to be valid
 
     # --- read-only views ----------------------------------------------------------------------
 
@@ -161,6 +183,15 @@ class Session:
         """
         if self.state is not SessionState.OPEN:
             return []
+        if self._sink_push is not None and type(data) is str and 4 * len(data) <= self.limits.max_frame:
+            # A text frame surely within max_frame (a str is at most 4 UTF-8 bytes a character).
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None  # the general path answers bad_json
+            if type(obj) is dict:
+                cmds = self._plain(obj)
+                return self.receive_object(obj) if cmds is None else cmds
         # A str is at least len(data) UTF-8 bytes and at most 4 per character: encode only if unsure.
         size = len(data)
         if isinstance(data, str) and 4 * size > self.limits.max_frame:
@@ -178,6 +209,36 @@ class Session:
             self._protocol_error(exc, ref)
             return []
 
+    def receive_frames(self, frames: Iterable[str | bytes]) -> Iterator[Command]:
+        """:meth:`receive` each frame in turn, yielding the commands to execute.
+
+        Execute each command before asking for the next: the frames after it are not read until
+        then. Before each command and at the end, the credit of plain acks is told
+        (:meth:`flush_credit`).
+        """
+        # receive()'s first case inlined: a run of plain pushes and acks costs one call, not one per frame.
+        max_chars = self.limits.max_frame // 4
+        loads, plain, open_ = orjson.loads, self._plain, SessionState.OPEN
+        for data in frames:
+            if self.state is not open_:
+                break  # receive() would ignore the rest
+            cmds: list[Command] | None = None
+            if self._sink_push is not None and type(data) is str and len(data) <= max_chars:
+                try:
+                    obj = loads(data)
+                except orjson.JSONDecodeError:
+                    obj = None
+                if type(obj) is dict:
+                    cmds = plain(obj)
+                    if cmds is None:
+                        cmds = self.receive_object(obj)
+            if cmds is None:
+                cmds = self.receive(data)
+            if cmds:
+                self.flush_credit()
+                yield from cmds
+        self.flush_credit()
+
     def receive_object(self, obj: Mapping[str, Any]) -> list[Command]:
         """Like :meth:`receive` for a frame that is already a JSON object.
 
@@ -192,6 +253,80 @@ class Session:
         except FrameError as exc:
             self._protocol_error(exc, ref)
             return []
+
+    def set_plain_sink(self, push: PlainPush, ack: PlainAck) -> None:
+        """Take plain pushes and acks (no option, no ``result``) straight to the I/O layer.
+
+        :meth:`receive` then applies such a frame and hands it to ``push`` / ``ack`` rather than
+        returning a command (it returns the command as usual when the sink answers False). The
+        credit plain acks return reaches :attr:`on_credit` at :meth:`flush_credit`, once per queue:
+        the I/O layer must call it after a run of frames, and before it waits for anything.
+        """
+        self._sink_push, self._sink_ack = push, ack
+
+    def flush_credit(self) -> None:
+        """Report to :attr:`on_credit` the queues whose credit plain acks returned since the last call."""
+        due = self._credit_due
+        if due:
+            on_credit = self.on_credit
+            if on_credit is not None:
+                for queue in due:
+                    on_credit(queue)
+            due.clear()
+
+    def _plain(self, obj: dict[str, Any]) -> list[Command] | None:
+        # The two frames of every job in their plainest form, in one step: what _handle, parse and
+        # _apply would do with them, without their dispatch. None for anything else, including
+        # every invalid frame, which the general path then answers with its own errors.
+        if not self._authenticated:
+            return None
+        # Members: op, the two checked below, and maybe ref; nothing else (len() costs less than
+        # comparing the keys with a set, and says the same once those are there).
+        size = len(obj)
+        if size != 3 and (size != 4 or "ref" not in obj):
+            return None
+        op = obj.get("op")
+        if op == "push":
+            queue, ref = obj.get("queue"), obj.get("ref")
+            if type(queue) is not str or "body" not in obj or not (ref is None or type(ref) is str):
+                return None
+            if queue != self._valid_queue:
+                if NAME_RE.fullmatch(queue) is None:
+                    return None
+                self._valid_queue = queue
+            if self._authorize is not None and not self._authorize("produce", queue):
+                return None
+            try:
+                body = orjson.dumps(obj["body"])
+            except TypeError:  # nested too deeply to write: the general path says so
+                return None
+            self._errors = 0
+            assert self._sink_push is not None
+            return [] if self._sink_push(ref, queue, body) else [plain_push(ref, queue, body)]
+        if op == "ack":
+            job_id, token, ref = obj.get("id"), obj.get("token"), obj.get("ref")
+            if type(job_id) is not str or type(token) is not str or not (job_id and token):
+                return None
+            if not (ref is None or type(ref) is str):
+                return None
+            queue = self._owner.get(job_id)
+            if queue is None:
+                return None
+            in_flight = self._subs[queue].in_flight
+            if in_flight[job_id] != token:
+                return None
+            # As _apply's _forget, its credit reported at flush_credit.
+            del self._owner[job_id]
+            del in_flight[job_id]
+            due = self._credit_due
+            if due is None:
+                self._credit_due = {queue}  # made on the first ack: an idle connection holds no set
+            else:
+                due.add(queue)
+            self._errors = 0
+            assert self._sink_ack is not None
+            return [] if self._sink_ack(ref, queue, job_id, token) else [plain_ack(ref, queue, job_id, token)]
+        return None
 
     def _handle(self, obj: Mapping[str, Any], ref: str | None) -> list[Command]:
         op = read_op(obj)
@@ -344,6 +479,17 @@ class Session:
             reply["ref"] = cmd.ref
         self._send(encode(reply))
 
+    def plain_done(self, ref: str | None, job_id: str | None = None) -> None:
+        """:meth:`command_done` for a frame the plain sink took: a push's new ``job_id``, or an ack."""
+        if job_id is not None:
+            self._send(pushed_frame(job_id, ref))
+        elif ref is not None:
+            self._send(encode({"op": "ok", "ref": ref}))
+
+    def plain_failed(self, ref: str | None, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
+        """:meth:`command_failed` for a frame the plain sink took (nothing to undo for those)."""
+        self._send(error_frame(code, message, ref, extra))
+
     def command_failed(self, cmd: Command, code: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
         """Report that ``cmd`` failed: undo what :meth:`receive` assumed and queue an ``error``.
 
@@ -415,10 +561,11 @@ class Session:
         whenever the send backlog exceeds ``send_buffer`` (a slow reader pauses itself, never the
         queue), the queue is not (yet) subscribed, or the session is closing.
         """
+        # Asked before every job dealt: send_backlog and limits.send_buffer inlined.
         sub = self._subs.get(queue)
         if sub is None or not sub.active or self.state is not SessionState.OPEN:
             return 0
-        if self.send_backlog >= self.limits.send_buffer:
+        if self._backlog + self._out_bytes >= self._send_buffer:
             return 0
         if sub.ack_mode is AckMode.AUTO:
             return sub.prefetch
@@ -451,13 +598,17 @@ class Session:
             return True
         if token is None:
             raise ValueError("a manual-ack delivery needs a lease token")
-        if job_id not in sub.in_flight and len(sub.in_flight) >= sub.prefetch:
-            return False
-        if self._owner.get(job_id, queue) != queue:
-            self._forget(job_id)
-        sub.in_flight[job_id] = token
-        self._owner[job_id] = queue
-        self._send(job_frame(queue, job_id, token, attempt, body))
+        in_flight = sub.in_flight
+        if job_id not in in_flight:
+            if len(in_flight) >= sub.prefetch:
+                return False
+            if self._owner.get(job_id, queue) != queue:  # in flight here under another queue
+                self._forget(job_id)
+            self._owner[job_id] = queue
+        in_flight[job_id] = token
+        frame = job_frame(queue, job_id, token, attempt, body)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
         return True
 
     def _ephemeral(self, frame: Callable[[], bytes]) -> bool:
@@ -504,7 +655,8 @@ class Session:
 
     def data_to_send(self) -> list[bytes]:
         """Take the frames queued since the last call, each one UTF-8 JSON text frame, in order."""
-        out, self._out, self._out_bytes = self._out, [], 0
+        out, self._out = self._out, []
+        self.taken_bytes, self._out_bytes = self._out_bytes, 0
         return out
 
     def start_close(self, code: CloseCode, reason: str = "") -> None:

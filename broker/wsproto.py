@@ -198,6 +198,11 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
         limit = conn.max_message_size or 0  # never None here: see _parser_at_frame_start
         pos = 0
         need = 2
+        # Whether whole data frames may skip websockets (rechecked after any frame it handles),
+        # and the messages decoded for a RECEIVE_FRAMES batch, handed over at the end of the read
+        # or before anything else may queue a message.
+        plain = self._plain_ok()
+        got: list[str | bytes] | None = [] if self.receive_batched else None
         while size - pos >= 2:
             first, second = buf[pos], buf[pos + 1]
             length = second & 0x7F
@@ -211,6 +216,8 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
                 start += extra
             if length > limit:
                 # websockets refuses it (1009) from its header: hand it the rest.
+                if got:
+                    self._hand_frames(got)
                 self._fast = False
                 super().data_received(bytes(buf[pos:]))
                 return
@@ -218,23 +225,56 @@ class BatchingWebSocketProtocol(WebSocketsSansIOProtocol):
             if end > size:
                 need = end - pos
                 break
-            if (first == 0x81 or first == 0x82) and second & 0x80 and self._plain_ok():
+            if (first == 0x81 or first == 0x82) and second & 0x80 and plain:
                 # A whole masked text (0x81) or binary (0x82) frame, FIN set, no RSV bit: what
                 # handle_text / handle_bytes do with websockets' Frame.
+                payload = apply_mask(buf[start + 4 : end], buf[start : start + 4])
+                if got is not None:
+                    if first == 0x82:
+                        got.append(payload)
+                        pos = end
+                        continue
+                    try:
+                        got.append(payload.decode())
+                        pos = end
+                        continue
+                    except UnicodeDecodeError:
+                        pass  # send_receive_event_to_app closes with 1007, after the frames before
+                    if got:
+                        self._hand_frames(got)
+                        got = []
                 self.curr_msg_data_type = "text" if first == 0x81 else "bytes"
-                self.frames = [apply_mask(buf[start + 4 : end], buf[start : start + 4])]
+                self.frames = [payload]
                 self.send_receive_event_to_app()
+                plain = self._plain_ok()
             else:
                 # A control frame, a fragment, an unmasked frame, RSV bits, anything after a
                 # close...: websockets' own, and always whole, so that it stays at a frame boundary.
+                if got:
+                    self._hand_frames(got)
+                    got = []
                 super().data_received(bytes(buf[pos:end]))
                 if conn.parser_exc is not None:
                     self._fast = False  # it failed the connection and discards what follows
                     return
+                plain = self._plain_ok()
             pos = end
+        if got:
+            self._hand_frames(got)
         if pos < size:
             self._tail = bytearray(buf[pos:]) if pos or not isinstance(buf, bytearray) else buf
             self._need = need
+
+    def _hand_frames(self, frames: list[str | bytes]) -> None:
+        # What send_receive_event_to_app does for each of these messages (text already decoded), at once.
+        last = self.queue.last()
+        if last is not None and last["type"] == RECEIVE_FRAMES:
+            last["frames"] += frames
+            return  # reading is paused already: it was when that message was queued
+        self.queue.put_nowait({"type": RECEIVE_FRAMES, "frames": frames})
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def send_receive_event_to_app(self) -> None:
         if not self.receive_batched or self.close_sent:
