@@ -1,4 +1,4 @@
-"""The sans-I/O WebSocket session (broker/protocol.py): plain synchronous tests, no sockets, no Redis.
+"""The sans-I/O WebSocket session (broker/protocol.py, session_*.py): plain synchronous tests, no sockets, no Redis.
 
 Each test plays the I/O layer by hand: it feeds frames to ``receive``, completes the commands it
 gets back with ``command_done`` / ``command_failed``, delivers jobs, and reads ``data_to_send``.

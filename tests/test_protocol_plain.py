@@ -1,4 +1,4 @@
-"""Session.set_plain_sink (broker/protocol.py): plain pushes and acks handed straight to the I/O layer.
+"""Session.set_plain_sink (broker/session_plain.py): plain pushes and acks handed straight to the I/O layer.
 
 Every frame must have the same outcome with a sink as without one: the same state, the same
 error frames, and, for the frames the sink takes, the command the session would have returned.

@@ -377,7 +377,7 @@ async def test_job_events_of_lapsed_leases(broker: RunningBroker, http: httpx.As
 
 
 async def test_commands_in_flight_are_bounded_per_connection(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("broker.connection.MAX_PENDING", 3)
+    monkeypatch.setattr("broker.connection_commands.MAX_PENDING", 3)
     async with run_broker(settings_for(redis_url)) as broker:
         runtime = broker.app.state.runtime  # type: ignore[attr-defined]
         gate = asyncio.Event()
