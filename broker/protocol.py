@@ -2,7 +2,7 @@
 
 A :class:`Session` owns everything one connection knows — its subscriptions with their credit and
 in-flight jobs, its channels and watches, its authentication — and nothing else: no socket, no
-Redis, no clock. The I/O layer (``broker/delivery.py``) drives it:
+Redis, no clock. The I/O layer (``broker/connection.py``) drives it:
 
 1. every received frame goes to :meth:`Session.receive`, which answers protocol errors itself and
    returns the :data:`Command` objects to execute, in frame order;
