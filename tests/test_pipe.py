@@ -223,3 +223,68 @@ async def test_cluster_calls_go_to_the_master_owning_the_slot(redis_cluster: Clu
             assert node.get(f"{{{q}}}:n") == b"5"
     finally:
         await client.aclose()
+
+
+@pytest.mark.core
+async def test_call_back_hands_each_reply_or_error_to_its_callback_in_order(
+    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, (echo, error, incr) = scripts(redis, ECHO, ERROR, INCR)
+    await echo(keys=[KEY], args=["warm"])
+    with pytest.raises(ResponseError):
+        await error(keys=[KEY], args=["ERR warm"])  # loaded: no NOSCRIPT reorders the calls below
+    heard: list[tuple[int, Any]] = []
+
+    def hear(i: int) -> Callable[[Any], None]:
+        def on_reply(outcome: Any) -> None:
+            heard.append((i, outcome))
+            if i == 5:
+                raise RuntimeError("a failing callback is logged; the calls behind it still hear")
+
+        return on_reply
+
+    for i in range(10):
+        script, args = (error, ["ERR call 3"]) if i == 3 else (echo, [f"call {i}"])
+        assert script.call_back([KEY], args, hear(i))
+    awaited = echo(keys=[KEY], args=["awaited"])  # shares the connection, in order
+    assert await awaited == b"awaited"
+    assert [i for i, _ in heard] == list(range(10))  # all answered before the call sent after them
+    for i, outcome in heard:
+        if i == 3:
+            assert isinstance(outcome, ResponseError) and str(outcome) == "call 3"
+        else:
+            assert outcome == f"call {i}".encode()
+    assert "reply callback failed" in caplog.text
+
+    # NOSCRIPT: loaded and called again, the callback hears the one real reply.
+    await redis.script_flush()
+    got: list[Any] = []
+    assert incr.call_back([KEY], [], got.append)
+    await wait_for(lambda: got)
+    assert got == [1]
+
+
+@pytest.mark.core
+async def test_call_back_declines_when_the_pipe_is_off(redis: aioredis.Redis) -> None:
+    pipe, (echo,) = scripts(redis, ECHO)
+    pipe.enabled = False
+    assert not echo.call_back([KEY], ["x"], lambda outcome: None)
+    assert await echo(keys=[KEY], args=["through redis-py"]) == b"through redis-py"
+
+
+async def test_call_back_hears_a_lost_connection(server_and_client: tuple[RedisServer, aioredis.Redis]) -> None:
+    server, client = server_and_client
+    _, (echo,) = scripts(client, ECHO)
+    assert await echo(keys=[KEY], args=["before"]) == b"before"
+    server.pause()
+    heard: list[Any] = []
+    for i in range(3):
+        assert echo.call_back([KEY], [f"lost {i}"], heard.append)
+    server.kill()
+    await wait_for(lambda: len(heard) == 3)
+    assert all(isinstance(outcome, ConnectionError) for outcome in heard)
+    server.start()
+    again: list[Any] = []
+    assert echo.call_back([KEY], ["after"], again.append)  # reconnects for it
+    await wait_for(lambda: again)
+    assert again == [b"after"]
