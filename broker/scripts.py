@@ -28,7 +28,7 @@ COMPOSED: dict[str, tuple[str, ...]] = {"push_then_fetch": ("push", "fetch")}
 # common case itself; for the others it calls ``general_script(ARGV, redis)``, the general
 # script (with its library and bodies) wrapped as a local function. Every call of a script runs
 # its top level, so the library's closures (~20) are made on the general path only.
-FRONTED: dict[str, str] = {"push_fetch": "push_then_fetch"}
+FRONTED: dict[str, str] = {"push_fetch": "push_then_fetch", "ack": "ack_general"}
 
 
 def _read(name: str) -> str:

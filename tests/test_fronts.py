@@ -1,13 +1,14 @@
-"""push_fetch.lua's hand-off (the jobs a fetch would take written straight as leased) is
-push_then_fetch.lua's general path, observably: for the same queue state and arguments, both give
-the same reply, leave the same keys with the same contents, and publish the same wake-ups.
+"""The lean fronts of scripts (scripts.py, FRONTED) are their general scripts, observably: for the
+same queue state and arguments, push_fetch.lua's hand-off (the jobs a fetch would take written
+straight as leased) and push_then_fetch.lua, or ack.lua and ack_general.lua, give the same reply,
+leave the same keys with the same contents, and publish the same wake-ups.
 
 Each case runs both scripts from one snapshot of the queue (DUMP/RESTORE), with Redis's TIME
 fixed (a proxy of ``redis`` in front of the script, so that timestamps, deadlines and latencies
 compare exactly) and every command the script calls logged (to tell which path ran, and what was
 published). The cases cover the options a job can carry and the states a queue can be in; the
-ones meant for the hand-off assert that it ran, so that the comparison is not only the general
-path's with itself.
+ones meant for a front's own path assert that it ran, so that the comparison is not only the
+general path's with itself.
 """
 
 from __future__ import annotations
@@ -118,32 +119,46 @@ async def _run(redis: Any, name: str, now: float, calls: list[list[Any]]) -> tup
     return replies, log
 
 
+async def agree(redis: Any, front: str, general: str, now: float, calls: list[list[Any]]) -> list[str]:
+    """Run ``calls`` through both scripts from the queue's present state; assert they agree.
+
+    Returns the commands the front called (its log)."""
+    snapshot = {key: await redis.dump(key) for key in K.all()}
+    results = []
+    for name in (front, general):
+        await redis.delete(*K.all())
+        for key, dumped in snapshot.items():
+            if dumped is not None:
+                await redis.restore(key, 0, dumped)
+        replies, log = await _run(redis, name, now, calls)
+        results.append((replies, await _state(redis), [e for e in log if e.startswith("PUBLISH")], log))
+    (front_replies, front_state, front_wakes, front_log), (replies, state, wakes, _) = results
+    assert front_replies == replies
+    assert front_state == state
+    assert front_wakes == wakes
+    return front_log
+
+
+async def _clock(redis: Any, shift: float) -> float:
+    seconds, micros = await redis.time()
+    return float(seconds + micros / 1e6 + shift)
+
+
+# -- push_fetch.lua ------------------------------------------------------------------------------
+
+
 async def compare(redis: Any, case: Case) -> bool:
     """Run ``case`` through both scripts; assert they agree; returns whether the hand-off ran."""
     await redis.delete(*K.all(), LOG)
     service = QueueService(redis, QueuePolicy())
     for name in case.setup:
         await SETUPS[name](service)
-    seconds, micros = await redis.time()
-    now = seconds + micros / 1e6 + case.shift
     fetch_args = [case.count, case.lease, "tok-", case.max_inflight, case.rate]
     jobs = [(f"body{i}".encode(), options) for i, options in enumerate(case.jobs)]
     args = fetch_args + _push_args(Q, jobs, case.count_failure, False)
-    snapshot = {key: await redis.dump(key) for key in K.all()}
-    results = []
-    for name in ("push_fetch", "push_then_fetch"):
-        await redis.delete(*K.all())
-        for key, dumped in snapshot.items():
-            if dumped is not None:
-                await redis.restore(key, 0, dumped)
-        replies, log = await _run(redis, name, now, [args] * case.calls)
-        results.append((replies, await _state(redis), [e for e in log if e.startswith("PUBLISH")], log))
-    (fast_replies, fast_state, fast_wakes, fast_log), (replies, state, wakes, _) = results
-    assert fast_replies == replies
-    assert fast_state == state
-    assert fast_wakes == wakes
+    log = await agree(redis, "push_fetch", "push_then_fetch", await _clock(redis, case.shift), [args] * case.calls)
     # The general path's fetch reads the state hash with HMGET; the hand-off never does.
-    return not any(entry.startswith(f"HMGET {K.state}") for entry in fast_log)
+    return not any(entry.startswith(f"HMGET {K.state}") for entry in log)
 
 
 HANDED_OFF = [
@@ -223,3 +238,66 @@ async def test_random_cases_agree(redis: Any) -> None:
         )
         handed_off += await compare(redis, case)
     assert handed_off >= 20  # the comparison covered the hand-off, not only the general path
+
+
+# -- ack.lua -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ack:
+    acks: list[tuple[int, str]]  # (job index, "right" | "wrong" | "unknown")
+    uniq: frozenset[int] = frozenset()  # indexes of the jobs pushed with a uniq key
+    notify: int = 0
+    shift: float = 0.0
+    acked: frozenset[int] = frozenset()  # indexes of the jobs acked before
+    jobs: int = 3
+
+
+async def compare_ack(redis: Any, case: Ack) -> bool:
+    """Run ``case`` through ack.lua and ack_general.lua; assert they agree; returns whether
+    ack.lua's own path ran."""
+    await redis.delete(*K.all(), LOG)
+    service = QueueService(redis, QueuePolicy())
+    pushed = [(f"a{i}".encode(), PushOptions(uniq=f"u{i}" if i in case.uniq else "")) for i in range(case.jobs)]
+    await service.push_many(Q, pushed)
+    taken = {job.body: job for job in (await service.fetch(Q, count=case.jobs, lease=30)).jobs}
+    leases = [(taken[body].id, taken[body].token or "") for body, _ in pushed]
+    for i in case.acked:
+        await service.ack(Q, *leases[i])
+    args: list[Any] = [keys.wake_channel(Q), case.notify]
+    for i, kind in case.acks:
+        job_id, token = leases[i]
+        args += [job_id if kind != "unknown" else "nope", token if kind != "wrong" else token + "x"]
+    log = await agree(redis, "ack", "ack_general", await _clock(redis, case.shift), [args])
+    # The general path's check_lease reads a meta (HGET) or the uniq keys held (HMGET meta).
+    return not any(entry.startswith(f"HMGET {K.meta}") or entry.startswith(f"HGET {K.meta}") for entry in log)
+
+
+ACKED_BY_THE_FRONT = [
+    Ack([(0, "right")]),
+    Ack([(0, "right")], notify=1),
+    Ack([(2, "right"), (0, "right"), (1, "right")], uniq=frozenset({3}), jobs=4),
+]
+
+ACKED_BY_THE_GENERAL_PATH = [
+    Ack([(0, "right")], uniq=frozenset({0})),
+    Ack([(0, "right"), (1, "right")], uniq=frozenset({1}), notify=1),
+    Ack([(0, "wrong")]),
+    Ack([(0, "right"), (1, "wrong")]),
+    Ack([(0, "unknown")]),
+    Ack([(0, "right"), (0, "right")]),
+    Ack([(0, "right")], shift=60),  # the lease has expired
+    Ack([(0, "right"), (1, "right")], acked=frozenset({1})),
+]
+
+
+@pytest.mark.parametrize("case", ACKED_BY_THE_FRONT)
+async def test_ack_s_own_path_runs_and_is_the_general_path(redis: Any, case: Ack) -> None:
+    assert await compare_ack(redis, case)
+
+
+@pytest.mark.parametrize("case", ACKED_BY_THE_GENERAL_PATH)
+async def test_other_acks_take_the_general_path(redis: Any, case: Ack) -> None:
+    # Not all of them read a meta (a lease past its deadline is stale by its entry alone): the
+    # comparison is what matters here.
+    await compare_ack(redis, case)
