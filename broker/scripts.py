@@ -1,8 +1,9 @@
 """Loads the Lua scripts in ``broker/lua`` and registers them once per Redis client.
 
 Each script is prefixed with ``_lib.lua`` (shared helpers: key names, the metadata layout, the
-failure/backoff logic), since Redis scripts cannot import one another. The hot scripts (those
-called for every job: push, fetch, ack, release, nack, touch) go through a
+failure/backoff logic), since Redis scripts cannot import one another, except the lean fronts
+(:data:`FRONTED`: push_fetch and ack), which handle their common case without it. The hot scripts
+(those called for every job: push, fetch, ack, release, nack, touch) go through a
 :class:`~broker.pipe.ScriptPipe`, a raw pipelined connection that costs a tenth of redis-py's
 client CPU per call; the others through redis-py. Both send EVALSHA and load a script again
 after a Redis restart (NOSCRIPT).
