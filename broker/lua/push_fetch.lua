@@ -67,7 +67,11 @@ end
 
 local K_READY, K_DELAYED, K_LEASED = KEYS[1], KEYS[2], KEYS[3]
 local K_BODY, K_META, K_UNIQ, K_STATS, K_STATE, K_LEASE = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[12]
--- Reads only, up to the decision: the general path may still run after them.
+-- Reads only, up to the decision: the general path may still run after them (the likelier
+-- reasons to fall back are looked at first).
+if redis.call('EXISTS', K_READY) == 1 or redis.call('HGET', K_STATE, 'paused') == '1' then
+  return general_script(ARGV, redis)
+end
 for _, known in ipairs(redis.call('HMGET', K_META, unpack(ids))) do
   if known then return general_script(ARGV, redis) end
 end
@@ -77,9 +81,6 @@ if nu > 0 then
   for _, holder in ipairs(redis.call('HMGET', K_UNIQ, unpack(names))) do
     if holder then return general_script(ARGV, redis) end
   end
-end
-if redis.call('HGET', K_STATE, 'paused') == '1' or redis.call('EXISTS', K_READY) == 1 then
-  return general_script(ARGV, redis)
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
