@@ -33,6 +33,13 @@ KEY_NAMES = ("ready", "delayed", "leased", "dead", "expiry", "body", "meta", "un
 
 
 def script_source(tree: Path, name: str) -> str:
+    """The script as the tree sends it (its ``broker.scripts.script_source``: a lean front, or
+    ``_lib.lua`` in front of the body), or ``_lib.lua`` and the body for trees without that."""
+    code = "import sys; from broker.scripts import script_source; sys.stdout.write(script_source(sys.argv[1]))"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, env=env, cwd=tree)
+    if done.returncode == 0:
+        return done.stdout
     lua = tree / "broker" / "lua"
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 

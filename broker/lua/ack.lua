@@ -3,34 +3,54 @@
 --         max_inflight cap, so freed room may let a waiting deliverer go on)
 -- ARGV[3..] pairs: id, token
 -- Returns one status per pair: 1 acked, 0 unknown job, -1 stale token (expired, re-leased, acked)
--- The common case reads only the lease hash: no meta is read or decoded, except to free the uniq
--- keys of the jobs whose lease entry says they hold one.
-local now = now_seconds()
-local ids, tokens = {}, {}
-for i = 3, #ARGV, 2 do
-  ids[#ids + 1] = ARGV[i]
-  tokens[#tokens + 1] = ARGV[i + 1]
+-- This script handles, without the shared library (scripts.py, FRONTED), the case of every ack
+-- done right: each job's lease entry holds its token and a deadline not past, no job twice. Any
+-- other runs ack_general.lua (as general_script, after this one's reads only), which does the
+-- same for these and knows the rest (stale tokens, leases taken before the lease hash): see
+-- there, and _lib.lua's lease_entry for the entry's layout.
+local n = (#ARGV - 2) / 2
+if n < 1 or n % 1 ~= 0 then return general_script(ARGV, redis) end
+local K_LEASED, K_BODY, K_META, K_UNIQ = KEYS[3], KEYS[6], KEYS[7], KEYS[8]
+local K_STATS, K_DONE, K_LEASE = KEYS[9], KEYS[11], KEYS[12]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ids, seen = {}, {}
+for i = 1, n do
+  local id = ARGV[2 * i + 1]
+  if seen[id] then return general_script(ARGV, redis) end
+  seen[id] = true
+  ids[i] = id
 end
 local entries = redis.call('HMGET', K_LEASE, unpack(ids))
-local out, done_ids, uniq_ids, seen, tombstones = {}, {}, {}, {}, {}
-for i, id in ipairs(ids) do
-  local status, entry = check_lease(id, entries[i], tokens[i], now, false)
-  if status == 1 and seen[id] then status = -1 end
-  out[i] = status
-  if status == 1 then
-    seen[id] = true
-    done_ids[#done_ids + 1] = id
-    if string.byte(entry, -1) == 49 then uniq_ids[#uniq_ids + 1] = id end -- ends in '1'
-    tombstones[#tombstones + 1] = now
-    tombstones[#tombstones + 1] = id
+local out, tombstones, uniq_ids = {}, {}, {}
+for i = 1, n do
+  local entry, token = entries[i], ARGV[2 * i + 2]
+  if not entry then return general_script(ARGV, redis) end
+  -- 'token deadline attempt lease uniq'
+  local space = string.find(entry, ' ', 1, true)
+  if string.sub(entry, 1, space - 1) ~= token or tonumber(string.match(entry, '^(%S+)', space + 1)) < now then
+    return general_script(ARGV, redis)
+  end
+  if string.byte(entry, -1) == 49 then uniq_ids[#uniq_ids + 1] = ids[i] end -- ends in '1'
+  out[i] = 1
+  tombstones[2 * i - 1], tombstones[2 * i] = now, ids[i]
+end
+-- The uniq keys to free, from the metas (slot 9), read before they go.
+local uniqs = {}
+if #uniq_ids > 0 then
+  for _, raw in ipairs(redis.call('HMGET', K_META, unpack(uniq_ids))) do
+    if raw then
+      local uniq = cjson.decode(raw)[9]
+      if uniq ~= '' then uniqs[#uniqs + 1] = uniq end
+    end
   end
 end
-if #done_ids > 0 then
-  redis.call('ZREM', K_LEASED, unpack(done_ids))
-  redis.call('HDEL', K_LEASE, unpack(done_ids))
-  drop_jobs(done_ids, uniqs_of(uniq_ids))
-  redis.call('HINCRBY', K_STATS, 'processed', #done_ids)
-  redis.call('ZADD', K_DONE, unpack(tombstones))
-  if ARGV[2] == '1' then redis.call('PUBLISH', ARGV[1], '0') end
-end
+redis.call('ZREM', K_LEASED, unpack(ids))
+redis.call('HDEL', K_LEASE, unpack(ids))
+redis.call('HDEL', K_BODY, unpack(ids))
+redis.call('HDEL', K_META, unpack(ids))
+if #uniqs > 0 then redis.call('HDEL', K_UNIQ, unpack(uniqs)) end
+redis.call('HINCRBY', K_STATS, 'processed', n)
+redis.call('ZADD', K_DONE, unpack(tombstones))
+if ARGV[2] == '1' then redis.call('PUBLISH', ARGV[1], '0') end
 return out
