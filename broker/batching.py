@@ -12,12 +12,6 @@ than the overlap saves (docs/performance.md). Calls still reach Redis in submiss
 each flush sends its call before it first waits, over one ordered connection (the script pipe,
 ``broker/pipe.py``): a runner takes a batch and sends it in one step, so no other runner can
 send in between.
-
-A *lane* (optional) serves the lone item of an idle key without any of this: no task, no loop
-turn before the call is sent, no future to resume once it is answered — the path of a job at low
-load, where those steps were a tenth of the push-to-delivery latency (docs/performance.md). While
-the lane's call is in flight it counts as the key's call in flight, so later items queue behind
-it and order holds as above.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Generic, TypeVar
 
 log = logging.getLogger("presque.batching")
@@ -38,10 +31,6 @@ Result = TypeVar("Result")
 Flush = Callable[[str, Sequence[Item]], Awaitable[Sequence[Result | BaseException]]]
 # Called with one item's result, or the exception that failed it (CancelledError included).
 Done = Callable[[Result | BaseException], None]
-# The fast lane of an idle key (see Coalescer): lane(key, item, done, finished) sends one item's
-# call at once and returns True, or declines (False, nothing sent). It answers ``done`` itself and
-# calls ``finished()`` once the call is answered, which lets the items submitted meanwhile go.
-Lane = Callable[[str, Item, Done[Result], Callable[[], None]], bool]
 # A caller's items and what receives their results: the future of an awaiting caller, or the
 # callback of a single item (no task needs to wait for it).
 _Entry = tuple[list[Item], "asyncio.Future[list[Result | BaseException]] | Done[Result]"]
@@ -60,22 +49,12 @@ class Coalescer(Generic[Item, Result]):
         max_in_flight: the most flush calls per key at once. Above 1, ``flush`` must send its
             call before it first waits, or calls may reach Redis out of order.
         min_overlap: the items that must wait before a call goes while another is in flight.
-        lane: sends the call of a single item (:meth:`submit_soon`) at once when its key is idle
-            — no call in flight or about to go — instead of on the next loop iteration from a
-            task: a lone push reaches Redis sooner, and its reply is handled in the step that
-            reads it. The call counts as the key's call in flight until ``finished()``.
     """
 
     def __init__(
-        self,
-        flush: Flush[Item, Result],
-        max_batch: int = 500,
-        max_in_flight: int = 1,
-        min_overlap: int = 1,
-        lane: Lane[Item, Result] | None = None,
+        self, flush: Flush[Item, Result], max_batch: int = 500, max_in_flight: int = 1, min_overlap: int = 1
     ) -> None:
         self._flush = flush
-        self._lane = lane
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._min_overlap = min_overlap
@@ -102,11 +81,6 @@ class Coalescer(Generic[Item, Result]):
         For callers that would otherwise spawn a task per item only to await it. ``done`` must
         not raise (an exception is logged, and does not reach the other items of the batch).
         """
-        if self._lane is not None and key not in self._runners and key not in self._pending:
-            self._runners[key] = 1  # the lane's call is in flight: later items wait behind it
-            if self._lane(key, item, done, partial(self._runner_ended, key)):
-                return
-            self._runner_ended(key)
         self._pending.setdefault(key, []).append(([item], done))
         self._count[key] = self._count.get(key, 0) + 1
         self._wake(key)
@@ -144,16 +118,13 @@ class Coalescer(Generic[Item, Result]):
                 await self._run(key, batch)
         finally:
             self._starting.discard(key)
-            self._runner_ended(key)
-
-    def _runner_ended(self, key: str) -> None:
-        left = self._runners[key] - 1
-        if left:
-            self._runners[key] = left
-        else:
-            del self._runners[key]
-        if self._pending.get(key):  # submitted after the last take, before this runner ended
-            self._wake(key)
+            left = self._runners[key] - 1
+            if left:
+                self._runners[key] = left
+            else:
+                del self._runners[key]
+            if self._pending.get(key):  # submitted after the last take, before this runner ended
+                self._wake(key)
 
     def _take(self, key: str) -> list[_Entry[Item, Result]]:
         pending = self._pending.get(key)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -79,9 +79,6 @@ MIN_POOL = 8
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError, MasterDownError, ReadOnlyError)
 _NOT_ENOUGH_DATA = object()
 
-OnReply = Callable[[Any], None]
-"""Gets a call's reply, or the exception that failed it (``PipedScript.call_back``)."""
-
 
 class PipedScript:
     """A Lua script called through a :class:`ScriptPipe`; redis-py's ``Script`` for everything else.
@@ -106,76 +103,22 @@ class PipedScript:
             return await self.fallback(keys=keys, args=args, client=client)
         return await self.pipe.call(self, keys, args)
 
-    def call_back(self, keys: Sequence[Any], args: Sequence[Any], on_reply: OnReply) -> bool:
-        """Send the call now; ``on_reply(reply or exception)`` is called when it is answered.
-
-        False (nothing sent) when the pipe is off: then the caller awaits the call instead. The
-        reply is handed over within the step that reads it, with no future, task or coroutine to
-        resume in between: the path of a job that a subscriber waits for (``QueueService.push_fetch_soon``).
-        """
-        if not self.pipe.enabled:
-            return False
-        self.pipe.call_back(self, keys, args, on_reply)
-        return True
-
 
 class _Call:
-    """One script call: what to send (again, after NOSCRIPT), and where its reply goes: a future
-    that its caller awaits, or a callback (``on_reply``) called as soon as the reply is read."""
+    """One script call: what to send (again, after NOSCRIPT), and where its reply goes."""
 
-    __slots__ = ("args", "future", "keys", "on_reply", "packed", "reloaded", "script")
+    __slots__ = ("args", "future", "keys", "packed", "reloaded", "script")
 
-    def __init__(
-        self,
-        script: PipedScript,
-        keys: Sequence[Any],
-        args: Sequence[Any],
-        future: asyncio.Future[Any] | None,
-        on_reply: OnReply | None = None,
-    ) -> None:
+    def __init__(self, script: PipedScript, keys: Sequence[Any], args: Sequence[Any], future: Any) -> None:
         self.script = script
         self.keys = keys
         self.args = args
-        self.future = future
-        self.on_reply = on_reply
+        self.future: asyncio.Future[Any] = future
         self.reloaded = False
         try:
             self.packed: bytes = hiredis.pack_command((b"EVALSHA", script.sha, len(keys), *keys, *args))
         except TypeError as exc:
             raise DataError(f"{script.name}: an argument is not bytes, str, int or float ({exc})") from exc
-
-    @property
-    def settled(self) -> bool:
-        """The caller has its answer, or gave up waiting for it (a cancelled future)."""
-        return self.future is not None and self.future.done()
-
-    def resolve(self, reply: Any) -> None:
-        if self.on_reply is not None:
-            on_reply, self.on_reply = self.on_reply, None  # one answer per call
-            _hand_over(on_reply, reply)
-        elif self.future is not None and not self.future.done():
-            self.future.set_result(reply)
-
-    def fail(self, error: BaseException) -> None:
-        if self.on_reply is not None:
-            on_reply, self.on_reply = self.on_reply, None
-            _hand_over(on_reply, error)
-        elif self.future is not None and not self.future.done():
-            self.future.set_exception(error)
-
-    def abandon(self) -> None:
-        """The loop is shutting down: an awaiting caller is cancelled, a callback hears why."""
-        if self.future is not None:
-            self.future.cancel()
-        else:
-            self.fail(ConnectionError("the event loop is shutting down"))
-
-
-def _hand_over(on_reply: OnReply, outcome: Any) -> None:
-    try:
-        on_reply(outcome)
-    except Exception:
-        log.exception("a script call's reply callback failed")
 
 
 class ScriptPipe:
@@ -206,39 +149,34 @@ class ScriptPipe:
 
     def call(self, script: PipedScript, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Send one EVALSHA; the future gets its reply (or error)."""
-        future = asyncio.get_running_loop().create_future()
-        self._send(_Call(script, keys, args, future))
-        return future
-
-    def call_back(self, script: PipedScript, keys: Sequence[Any], args: Sequence[Any], on_reply: OnReply) -> None:
-        """Send one EVALSHA; ``on_reply`` gets its reply (or error), within the step that reads it."""
-        self._send(_Call(script, keys, args, None, on_reply))
-
-    def _send(self, call: _Call) -> None:
-        server = self._server_for(call.keys)
+        call = _Call(script, keys, args, asyncio.get_running_loop().create_future())
+        server = self._server_for(keys)
         if server is None:
             self.redo(call)
         else:
             server.send(call)
+        return call.future
 
     def redo(self, call: _Call) -> None:
-        """Have redis-py make ``call`` (the pipe could not): its result goes to the call's caller."""
+        """Have redis-py make ``call`` (the pipe could not): its result goes to the call's future."""
         task = asyncio.create_task(self._redo(call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _redo(self, call: _Call) -> None:
-        if call.settled:  # pragma: no cover - its caller gave up in the same loop iteration
+        if call.future.done():  # pragma: no cover - its caller gave up in the same loop iteration
             return
         try:
             result = await call.script.fallback(keys=call.keys, args=call.args)
         except asyncio.CancelledError:  # pragma: no cover - the loop shutting down mid-call
-            call.abandon()
+            call.future.cancel()
             raise
         except Exception as exc:
-            call.fail(exc)
+            if not call.future.done():
+                call.future.set_exception(exc)
         else:
-            call.resolve(result)
+            if not call.future.done():
+                call.future.set_result(result)
 
     def disable(self, why: str) -> None:  # pragma: no cover - asyncio's and uvloop's transports all can
         if self.enabled:
@@ -309,13 +247,13 @@ class _Server:
             for call in backlog:
                 if self.node is not None:  # pragma: no cover - a master down: redis-py's cluster client
                     self.pipe.redo(call)  # refreshes the topology and retries, as for its own calls
-                else:
-                    call.fail(exc if isinstance(exc, RedisError) else ConnectionError(str(exc)))
+                elif not call.future.done():
+                    call.future.set_exception(exc if isinstance(exc, RedisError) else ConnectionError(str(exc)))
             return
         except BaseException:  # pragma: no cover - the loop shutting down while connecting
             backlog, self.backlog = self.backlog, []
             for call in backlog:
-                call.abandon()
+                call.future.cancel()
             raise
         finally:
             self._connecting = None
@@ -327,7 +265,7 @@ class _Server:
         self.link = link
         backlog, self.backlog = self.backlog, []
         for call in backlog:
-            if not call.settled:
+            if not call.future.done():
                 link.write(call)
 
     async def _open(self) -> _Link | None:
@@ -406,8 +344,8 @@ class _Link(asyncio.Protocol):
                 continue  # SCRIPT LOAD's "sha": a failure shows in the EVALSHA behind it
             if isinstance(reply, RedisError):
                 self._failed(call, reply)
-            else:
-                call.resolve(reply)
+            elif not call.future.done():
+                call.future.set_result(reply)
         if not pending and self.server.draining:
             self.transport.close()
 
@@ -421,8 +359,8 @@ class _Link(asyncio.Protocol):
             if isinstance(error, ReadOnlyError):
                 self.server.retire(self)
             self.server.pipe.redo(call)
-        else:
-            call.fail(error)
+        elif not call.future.done():
+            call.future.set_exception(error)
 
     def _check_time(self) -> None:
         self._timer = None
@@ -458,5 +396,5 @@ class _Link(asyncio.Protocol):
         self.server.lost(self)
         pending, self.pending = self.pending, deque()
         for call in pending:
-            if call is not None:
-                call.fail(error)
+            if call is not None and not call.future.done():
+                call.future.set_exception(error)

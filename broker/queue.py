@@ -182,10 +182,6 @@ class QueueService:
         """True when the hot scripts go through the script pipe, which sends calls in order."""
         return isinstance(self.scripts.push, PipedScript)
 
-    def sends_at_once(self, queue: str) -> bool:
-        """Whether :meth:`push_fetch_soon` can send a call for ``queue`` now."""
-        return queue in self._known and self.pipelined and self.scripts.push_fetch.pipe.enabled
-
     def limit_for(self, queue: str) -> QueueLimit | None:
         return self._limits(queue) if self._limits else None
 
@@ -251,43 +247,6 @@ class QueueService:
         args = self._fetch_args(queue, count, lease) + _push_args(queue, jobs, count_failure, False)
         pushed, fetched = await self.scripts.push_fetch(keys=keys.queue_keys(queue).all(), args=args)
         return _pushed(pushed), _fetched(queue, fetched)
-
-    def push_fetch_soon(
-        self,
-        queue: str,
-        jobs: Sequence[tuple[bytes, PushOptions]],
-        done: Callable[[tuple[list[str | JobExists], FetchResult] | BaseException], None],
-        *,
-        count: int,
-        lease: float = 0.0,
-        count_failure: bool = False,
-    ) -> bool:
-        """:meth:`push_fetch`, sent at once; ``done`` gets its outcome within the step that reads
-        the reply (no task, no future: the path of a job a subscriber waits for).
-
-        False, and nothing sent, when the call cannot go this way: the scripts are not piped, or
-        the queue is not in the registry yet (:meth:`remember` must wait for its ``SADD``). The
-        caller then awaits :meth:`push_fetch` instead.
-        """
-        script = self.scripts.push_fetch
-        if not self.sends_at_once(queue) or not isinstance(script, PipedScript):
-            return False
-        args = self._fetch_args(queue, count, lease) + _push_args(queue, jobs, count_failure, False)
-
-        def on_reply(reply: Any) -> None:
-            if isinstance(reply, BaseException):
-                done(reply)
-                return
-            try:
-                outcome: tuple[list[str | JobExists], FetchResult] | BaseException = (
-                    _pushed(reply[0]),
-                    _fetched(queue, reply[1]),
-                )
-            except Exception as exc:  # pragma: no cover - a reply the script cannot give
-                outcome = exc
-            done(outcome)
-
-        return script.call_back(keys.queue_keys(queue).all(), args, on_reply)
 
     async def push(self, queue: str, body: bytes, opts: PushOptions, *, count_failure: bool = False) -> str:
         """Push one job and return its id; raises JobExists on a uniq conflict."""

@@ -25,7 +25,7 @@ from broker.delivery import DeliveryHub, EventItem
 from broker.errors import JobExists, NoJob, QueueClosed
 from broker.models import Delivery, PushOptions, dumps, new_job_id
 from broker.notify import Notifier
-from broker.queue import FetchResult, QueuePolicy, QueueService
+from broker.queue import QueuePolicy, QueueService
 from broker.stats import Stats
 from broker.workers import WorkerRegistry
 
@@ -66,7 +66,6 @@ class Runtime:
             max_batch=settings.limits.max_batch,
             max_in_flight=2 if self.queues.pipelined else 1,
             min_overlap=OVERLAP_ITEMS,
-            lane=self._push_at_once if self.queues.pipelined else None,
         )
         self.acker: Coalescer[tuple[str, str], None] = Coalescer(
             self.queues.ack_many, max_batch=settings.limits.max_batch
@@ -149,47 +148,6 @@ class Runtime:
         self._emit_pushed(queue, results)
         feed.settle(claim, fetched)
         return results
-
-    def _push_at_once(
-        self, key: str, item: PushItem, done: Callable[[str | BaseException], None], finished: Callable[[], None]
-    ) -> bool:
-        """The pusher's lane (batching.py): a lone push to a queue whose subscribers here wait for
-        work takes its job for them in a call sent at once, and is answered, and its job dealt,
-        in the step that reads the reply. This is the path of a job at low load (docs/performance.md,
-        latency); declined (False) whenever ``_flush_pushes`` would not take a claim either."""
-        queue = key[1:]
-        feed = self.delivery.feeds.get(queue)
-        if feed is None or not self.queues.sends_at_once(queue):
-            return False
-        claim = feed.claim()
-        if claim is None:
-            return False
-        body, opts, count_failure = item
-
-        def pushed(outcome: tuple[list[str | JobExists], FetchResult] | BaseException) -> None:
-            result: str | BaseException
-            try:
-                if isinstance(outcome, BaseException):
-                    feed.settle(claim, None)
-                    result = outcome
-                else:
-                    results: list[str | BaseException] = list(outcome[0])
-                    self._emit_pushed(queue, results)
-                    feed.settle(claim, outcome[1])
-                    result = results[0]
-            except Exception as exc:  # pragma: no cover - dealing never raises; the caller must hear
-                result = exc
-            try:
-                done(result)
-            finally:
-                finished()
-
-        sent = self.queues.push_fetch_soon(
-            queue, [(body, opts)], pushed, count=claim.count, lease=claim.lease, count_failure=count_failure
-        )
-        if not sent:  # pragma: no cover - sends_at_once said it would
-            feed.settle(claim, None)
-        return sent
 
     def _emit_pushed(self, queue: str, results: list[str | BaseException]) -> None:
         # Emitted here, in the step that reads the reply, and not by each caller once its future

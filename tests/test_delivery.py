@@ -223,49 +223,6 @@ async def test_coalescer_overlaps_a_second_call_only_for_enough_items() -> None:
     assert calls == [[0, 1], [2, 3, 4, 5, 6], [7, 8]] and most == 2
 
 
-async def test_coalescer_lane_sends_an_idle_key_s_item_at_once_and_holds_the_rest_behind_it() -> None:
-    calls: list[list[int]] = []
-    lane_calls: list[int] = []
-    open_lane: list[tuple[Callable[[int | BaseException], None], Callable[[], None]]] = []
-
-    async def flush(key: str, items: Sequence[int]) -> list[int | BaseException]:
-        calls.append(list(items))
-        await asyncio.sleep(0)
-        return [i * 10 for i in items]
-
-    def lane(key: str, item: int, done: Callable[[int | BaseException], None], finished: Callable[[], None]) -> bool:
-        if item < 0:
-            return False  # declined: the item goes the usual way
-        lane_calls.append(item)
-        open_lane.append((done, finished))
-        return True
-
-    coalescer: Coalescer[int, int] = Coalescer(flush, max_batch=10, lane=lane)
-    results: list[int | BaseException] = []
-    coalescer.submit_soon("k", 1, results.append)
-    assert lane_calls == [1] and calls == []  # sent within submit_soon: no task, no loop turn
-    for i in (2, 3):
-        coalescer.submit_soon("k", i, results.append)  # the key is busy: they wait behind it
-    assert lane_calls == [1]
-    await asyncio.sleep(0.01)
-    assert calls == []  # nothing overtakes the lane's call
-    done, finished = open_lane.pop()
-    done(10)
-    finished()
-    await wait_for(lambda: len(results) == 3)
-    assert results == [10, 20, 30] and calls == [[2, 3]]
-    # Idle again: the lane; a declined item, and awaited or grouped ones, go through flush.
-    coalescer.submit_soon("k", 4, results.append)
-    assert lane_calls == [1, 4]
-    open_lane[0][0](40)
-    open_lane.pop()[1]()
-    coalescer.submit_soon("k", -5, results.append)
-    assert await coalescer.submit("j", 6) == 60 and await coalescer.submit_group("j", [7, 8]) == [70, 80]
-    await wait_for(lambda: len(results) == 5)
-    assert results[3:] == [40, -50] and lane_calls == [1, 4]
-    assert calls[1:] == [[-5], [6], [7, 8]]
-
-
 async def test_pushes_keep_their_order_with_two_calls_in_flight(broker: RunningBroker) -> None:
     # Thousands of single pushes submitted at once to a queue new to this process: the first
     # waits for the queue registry's SADD, the next ones go out while earlier calls run, and

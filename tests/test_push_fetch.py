@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from broker import keys
 from broker.config import QueueLimit
@@ -327,86 +326,3 @@ async def test_the_job_goes_to_its_subscriber_before_the_http_push_is_answered(
         assert job["id"] == response.json()["id"]
         assert written == ["job", "answer 201"]
         await client.ack(job)
-
-
-async def test_a_lone_push_takes_its_job_in_a_call_sent_at_once(broker: RunningBroker, redis: Any) -> None:
-    # The pusher's lane (Runtime._push_at_once): sent from within push_soon, answered from the
-    # step that reads the reply; the awaited push_fetch is not used.
-    runtime = runtime_of(broker)
-    sent: list[str] = []
-    push_fetch_soon = runtime.queues.push_fetch_soon
-
-    def counting(queue: str, *args: Any, **kwargs: Any) -> bool:
-        sent.append(queue)
-        return bool(push_fetch_soon(queue, *args, **kwargs))
-
-    async def not_awaited(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the lane's push is not awaited")
-
-    async with ws_connect(broker.ws_url) as client, httpx.AsyncClient(base_url=broker.url) as http:
-        await client.call("subscribe", queue=Q, prefetch=5)
-        feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
-        runtime.queues.push_fetch_soon, runtime.queues.push_fetch = counting, not_awaited
-        try:
-            response = await http.post(f"/q/{Q}", content=b'{"n":1}')
-            assert response.status_code == 201
-            (job,) = await client.jobs(1)
-            assert job["id"] == response.json()["id"] and job["body"] == {"n": 1} and job["token"]
-            assert sent == [Q] and feed._claimed is None and feed._drained
-            pushed = await client.call("push", queue=Q, body={"n": 2})  # a WebSocket push too
-            (job2,) = await client.jobs(1)
-            assert job2["id"] == pushed["id"] and sent == [Q, Q]
-        finally:
-            del runtime.queues.push_fetch_soon, runtime.queues.push_fetch
-        await client.ack(job)
-        await client.ack(job2)
-
-        async def acked() -> bool:
-            return not await redis.hlen(keys.queue_keys(Q).meta)
-
-        await wait_for(acked, 5)
-
-
-async def test_pushes_behind_the_lane_s_call_keep_their_order(broker: RunningBroker, redis: Any) -> None:
-    runtime = runtime_of(broker)
-    async with ws_connect(broker.ws_url) as client:
-        await client.call("subscribe", queue=Q, prefetch=1)
-        feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
-        results: list[str | BaseException] = []
-        count = 500
-        for n in range(count):
-            runtime.push_soon(Q, b"%d" % n, runtime.push_defaults, results.append)
-        # The first went at once (the lane); the 499 behind it fill a second call (max_in_flight).
-        assert runtime.pusher._runners.get(f"0{Q}") == 2
-        await wait_for(lambda: len(results) == count, 10)
-        ids = [r for r in results if isinstance(r, str)]
-        assert len(ids) == count
-        (first,) = await client.jobs(1)
-        assert first["id"] == ids[0]  # the lane's job went to the subscriber
-        rest = await runtime.queues.fetch(Q, count=count)
-        assert [job.id for job in rest.jobs] == ids[1:]
-        assert [job.body for job in rest.jobs] == [b"%d" % n for n in range(1, count)]
-
-
-async def test_a_failed_lane_call_answers_the_push_and_the_feed_looks_again(
-    broker: RunningBroker, redis: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    runtime = runtime_of(broker)
-    async with ws_connect(broker.ws_url) as client:
-        await client.call("subscribe", queue=Q, prefetch=2)
-        feed = runtime.delivery.feeds[Q]
-        await wait_for(lambda: feed._listening and not feed._fetching and feed._drained, 5)
-        # A script Redis does not know, even after loading it again: the call fails (NOSCRIPT).
-        monkeypatch.setattr(runtime.queues.scripts.push_fetch, "sha", b"0" * 40)
-        results: list[str | BaseException] = []
-        runtime.push_soon(Q, b"1", runtime.push_defaults, results.append)
-        await wait_for(lambda: results, 5)
-        assert isinstance(results[0], NoScriptError)
-        assert feed._claimed is None and not runtime.pusher._runners  # settled, and the key idle
-        monkeypatch.undo()
-        # What the failed call may have left is looked for again; the next push goes through.
-        job_id = await runtime.push(Q, b"2", PushOptions())
-        (job,) = await client.jobs(1)
-        assert job["id"] == job_id
