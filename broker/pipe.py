@@ -64,6 +64,7 @@ from redis.exceptions import (
     NoScriptError,
     ReadOnlyError,
     RedisError,
+    SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
 )
@@ -192,7 +193,9 @@ class ScriptPipe:
         try:
             key = keys[0]
             node = self.client.nodes_manager.get_node_from_slot(key_slot(key.encode() if isinstance(key, str) else key))
-        except (IndexError, KeyError, RedisError):  # no key, or no slot map yet: redis-py will learn it
+        # No key, or no slot map yet: redis-py will learn it (redis-py ≥ 8 raises
+        # SlotNotCoveredError, older versions KeyError, for a slot it does not know).
+        except (IndexError, KeyError, RedisError, SlotNotCoveredError):
             return None
         server = self._servers.get(node.name)
         if server is None or server.node is not node:

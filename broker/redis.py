@@ -190,7 +190,7 @@ def _create_sentinel(settings: RedisSettings, options: dict[str, Any]) -> Sentin
     master; a demoted master's ``READONLY`` answer also forces a reconnection.
     """
     assert settings.sentinel_master is not None
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py's Sentinel has no annotations
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis-py 8
         [_host_port(node) for node in settings.sentinels],
         sentinel_kwargs={"socket_timeout": settings.socket_timeout, "socket_connect_timeout": settings.socket_timeout},
     )
